@@ -1,0 +1,28 @@
+"""Methods registry: one dataclass per method; ``get(name, **options)`` builds one by name."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .base import Full, Method, NoCompression
+
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (NoCompression, Full)}
+
+
+def get(name: str, budget: float | None = None, **options) -> Method:
+    """Build method ``name`` with a budget and options; clear errors for unknown names or options."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}")
+    cls = REGISTRY[name]
+    allowed = {f.name for f in dataclasses.fields(cls) if f.init} - {"budget"}
+    unknown = set(options) - allowed
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(sorted(unknown))} for method {name!r}; allowed: {', '.join(sorted(allowed)) or 'none'}"
+        )
+    if budget is not None:
+        options["budget"] = budget
+    return cls(**options)
+
+
+__all__ = ["Method", "NoCompression", "Full", "REGISTRY", "get"]
