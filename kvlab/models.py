@@ -159,6 +159,6 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, n_layers: int = 3, vocab_s
                                   layer_types=["sliding_attention"] * (n_layers - 1) + ["full_attention"])
     else:
         raise ValueError(f"unknown tiny model {arch!r}; choose llama, gpt2 or gemma3")
-    config.pad_token_id = 0
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = 0, 1, 2
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     return model.eval()

@@ -1,0 +1,160 @@
+"""The ``kvlab`` command line: fetch, info, eval, report. Bad input -> a message on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+class UsageError(Exception):
+    """Wrong names, budgets or options given on the command line."""
+
+
+def parse_options(pairs: list[str]) -> dict:
+    """``["rank=16", "sinks=true", "name=x"]`` -> {"rank": 16, "sinks": True, "name": "x"}."""
+    options = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--opt takes key=value, got {pair!r}")
+        try:
+            value = json.loads(raw.lower() if raw.lower() in ("true", "false", "null") else raw)
+        except json.JSONDecodeError:
+            value = raw
+        options[key] = value
+    return options
+
+
+def _split(csv: str | None) -> list[str]:
+    return [x.strip() for x in csv.split(",") if x.strip()] if csv else []
+
+
+def cmd_fetch(args) -> int:
+    from .data import fetch
+
+    paths = fetch(args.names or None)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    if not args.names or "smollm2" in args.names:
+        from .models import converted_model_dir
+
+        print(f"smollm2 (safetensors): {converted_model_dir('smollm2')}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from transformers import AutoConfig
+
+    from .models import BUNDLED, ModelSpec, converted_model_dir
+
+    folder = converted_model_dir(args.model) if args.model in BUNDLED else args.model
+    try:
+        spec = ModelSpec.from_config(AutoConfig.from_pretrained(folder))
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    if args.json:
+        print(json.dumps(spec.to_dict(), indent=2))
+    else:
+        for key, value in spec.to_dict().items():
+            print(f"{key:15} {value}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import methods
+    from .data import TASKS
+
+    long_tasks = ("needle", "longqa")
+    tasks, corpora = _split(args.tasks), _split(args.ppl)
+    bad = [t for t in tasks if t not in TASKS + long_tasks]
+    if bad:
+        raise UsageError(f"unknown task(s) {bad}; choose from {', '.join(TASKS + long_tasks)}")
+    bad = [c for c in corpora if c not in ("wiki", "c4")]
+    if bad:
+        raise UsageError(f"unknown corpus {bad}; choose from wiki, c4")
+    if not tasks and not corpora:
+        raise UsageError("nothing to evaluate: give --tasks and/or --ppl")
+    if args.budget is not None and not 0 < args.budget <= 1:
+        raise UsageError(f"--budget must be in (0, 1] (fraction of the full cache's bytes), got {args.budget}")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be a positive integer, got {args.limit}")
+    try:
+        method = methods.get(args.method, args.budget, **parse_options(args.opt))
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from e
+
+    from .eval.run import evaluate
+    from .models import load_model
+
+    try:
+        model, tokenizer = load_model(args.model)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    result = evaluate(model, tokenizer, method, tasks=tasks, ppl=corpora, limit=args.limit,
+                      context_len=args.context_len, seed=args.seed)
+    result["model"] = args.model
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import ReportError, build_report
+
+    try:
+        index = build_report(quick=args.quick)
+    except ReportError as e:
+        print(f"kvlab report: {e}", file=sys.stderr)
+        return 1
+    print(index)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvlab", description="KV-cache compression laboratory")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fetch", help="download and verify the bundled model and data (idempotent)")
+    p.add_argument("names", nargs="*", help="artifacts to fetch (default: smollm2 tasks text longctx)")
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("info", help="print a model's attention geometry (ModelSpec)")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("eval", help="evaluate a method: zero-shot tasks, long-context tasks, perplexity, bytes")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--method", default="full", help="none (plain HF model), full (kvlab cache at 100%%), ...")
+    p.add_argument("--budget", type=float, default=None, help="fraction of the full cache's bytes kept, in (0, 1]")
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
+    p.add_argument("--tasks", help="comma-separated: piqa,winogrande,...,needle,longqa")
+    p.add_argument("--ppl", help="comma-separated corpora: wiki,c4")
+    p.add_argument("--limit", type=int, help="items per task / perplexity chunks (seeded subset)")
+    p.add_argument("--context-len", type=int, default=2048, help="tokens of context for needle/longqa")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the result JSON here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="execute every notebook and write reports/index.html")
+    p.add_argument("--quick", action="store_true", help="notebooks in QUICK mode")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"kvlab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
