@@ -8,16 +8,31 @@
         model(ids, past_key_values=cache, use_cache=True)
     cache.kv_bytes()                               # measured / theoretical / full bytes
 
-Importing kvlab has no side effects: nothing is fetched or registered until asked.
+Importing kvlab has no side effects and is cheap: submodules (and torch/transformers) load on first use; nothing
+is fetched or registered until asked.
 """
 
-from . import methods
-from .attention import attach
-from .budget import KVBytes, kv_bytes
-from .cache import FullLayer, KVLabCache, KVLayer
-from .capture import Capture, capture
-from .models import ModelSpec, load_model, tiny_model
+from importlib import import_module
 
 __version__ = "0.1.0"
-__all__ = ["methods", "attach", "KVBytes", "kv_bytes", "FullLayer", "KVLabCache", "KVLayer", "Capture", "capture",
-           "ModelSpec", "load_model", "tiny_model", "__version__"]
+
+_LAZY = {
+    "attach": "attention", "KVBytes": "budget", "kv_bytes": "budget", "FullLayer": "cache", "KVLabCache": "cache",
+    "KVLayer": "cache", "Capture": "capture", "capture": "capture", "ModelSpec": "models", "load_model": "models",
+    "tiny_model": "models",
+}
+_SUBMODULES = {"attention", "budget", "cache", "capture", "cli", "data", "eval", "methods", "models", "plotting",
+               "report"}
+__all__ = sorted(_LAZY) + sorted(_SUBMODULES) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    if name in _SUBMODULES:
+        return import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'kvlab' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -104,10 +104,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import ReportError, build_report
+    from .report import ReportError, build_report, repo_root
 
+    root = repo_root()
+    # Quick runs keep their figures apart so they never overwrite the full-mode figures under figures/.
+    figures = root / "reports" / "figures-quick" if args.quick else root / "figures"
     try:
-        index = build_report(quick=args.quick)
+        index = build_report(root / "notebooks", root / "reports", quick=args.quick, figures_dir=figures)
     except ReportError as e:
         print(f"kvlab report: {e}", file=sys.stderr)
         return 1
