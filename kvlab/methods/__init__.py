@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 from .base import Full, Method, NoCompression
+from .pca import PCA
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (NoCompression, Full)}
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (NoCompression, Full, PCA)}
 
 
 def get(name: str, budget: float | None = None, **options) -> Method:
@@ -14,7 +15,7 @@ def get(name: str, budget: float | None = None, **options) -> Method:
     if name not in REGISTRY:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}")
     cls = REGISTRY[name]
-    allowed = {f.name for f in dataclasses.fields(cls) if f.init} - {"budget"}
+    allowed = {f.name for f in dataclasses.fields(cls) if f.init and f.repr} - {"budget"}
     unknown = set(options) - allowed
     if unknown:
         raise ValueError(
@@ -25,4 +26,4 @@ def get(name: str, budget: float | None = None, **options) -> Method:
     return cls(**options)
 
 
-__all__ = ["Method", "NoCompression", "Full", "REGISTRY", "get"]
+__all__ = ["Method", "NoCompression", "Full", "PCA", "REGISTRY", "get"]

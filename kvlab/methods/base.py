@@ -33,6 +33,10 @@ class Method:
         """Learn what the method needs from calibration data (no-op for training-free methods)."""
         return self
 
+    def prepare(self, model, tokenizer) -> "Method":
+        """Make the method ready to run on ``model`` (fit on the default calibration data if it needs to)."""
+        return self
+
     def make_layer(self, layer_idx: int, spec: ModelSpec):
         return FullLayer(layer_idx)
 
