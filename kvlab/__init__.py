@@ -18,11 +18,11 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "attach": "attention", "KVBytes": "budget", "kv_bytes": "budget", "FullLayer": "cache", "KVLabCache": "cache",
-    "KVLayer": "cache", "Capture": "capture", "capture": "capture", "ModelSpec": "models", "load_model": "models",
+    "KVLayer": "cache", "Capture": "capturing", "capture": "capturing", "ModelSpec": "models", "load_model": "models",
     "tiny_model": "models",
 }
-_SUBMODULES = {"attention", "budget", "cache", "capture", "cli", "data", "eval", "methods", "models", "plotting",
-               "report"}
+_SUBMODULES = {"analysis", "attention", "budget", "cache", "capturing", "cli", "data", "eval", "methods", "models",
+               "plotting", "report", "train"}
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES) + ["__version__"]
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import kvlab
-from kvlab.capture import capture
+from kvlab.capturing import capture
 from conftest import left_padded_batch
 
 

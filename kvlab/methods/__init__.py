@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 from .base import Full, Method, NoCompression
+from .matryoshka import MatryoshkaKV
 from .pca import PCA
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (NoCompression, Full, PCA)}
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (NoCompression, Full, PCA, MatryoshkaKV)}
 
 
 def get(name: str, budget: float | None = None, **options) -> Method:
@@ -26,4 +27,4 @@ def get(name: str, budget: float | None = None, **options) -> Method:
     return cls(**options)
 
 
-__all__ = ["Method", "NoCompression", "Full", "PCA", "REGISTRY", "get"]
+__all__ = ["Method", "NoCompression", "Full", "PCA", "MatryoshkaKV", "REGISTRY", "get"]
