@@ -85,8 +85,9 @@ class KVLayer(CacheLayerMixin):
 class FullLayer(KVLayer):
     """Keeps every key and value, uncompressed: the 100 % budget reference that must equal the plain model.
 
-    Storage grows in place by a sixteenth of its length (at least ``min_grow`` tokens), so decoding appends instead
-    of re-concatenating the whole cache at every token as ``DynamicCache`` does, and the slack stays within ~6 %.
+    Multi-token writes (prefill, continuations) allocate exactly; when decoding overflows, storage grows by a
+    sixteenth of its length (at least ``min_grow`` tokens), so decoding appends instead of re-concatenating the whole
+    cache at every token as ``DynamicCache`` does, and the slack stays within ~6 %.
     """
 
     def __init__(self, layer_idx: int, min_grow: int = 32):
@@ -102,7 +103,8 @@ class FullLayer(KVLayer):
         new = key_states.shape[-2]
         needed = self.length + new
         if self.keys is None or needed > self.keys.shape[-2]:
-            capacity = needed if self.keys is None else needed + max(self.min_grow, needed // 16)
+            decoding = self.keys is not None and new == 1  # slack only for token-by-token decoding
+            capacity = needed + max(self.min_grow, needed // 16) if decoding else needed
             self.keys = _grow(self.keys, self.length, capacity, key_states)
             self.values = _grow(self.values, self.length, capacity, value_states)
         self.keys[:, :, self.length : needed] = key_states
