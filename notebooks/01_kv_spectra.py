@@ -11,8 +11,8 @@
 # Definitions (`kvlab.analysis.spectra`): uncentred moments (the cache stores x, not x − mean) unless said
 # otherwise; *rank for 90 %* = smallest r whose top-r directions hold ≥ 90 % of the energy; *effective rank* =
 # exp of the entropy of the normalised eigenvalues (Roy & Vetterli 2007), between 1 and 64.
-# The first tokens of every sequence (attention sinks) have much larger norms than the rest; we show spectra with
-# and without them. Calibration text: Wikipedia articles from exllamav3's calibration set (`wiki`, `calib` split),
+# The first tokens of every sequence (attention sinks) take much of the attention and are often said to have
+# outlying norms; we measure their norms here and show spectra with and without them. Calibration text: Wikipedia articles from exllamav3's calibration set (`wiki`, `calib` split),
 # a substitute for WikiText-2.
 
 # %% tags=["parameters"]
