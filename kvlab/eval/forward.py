@@ -16,28 +16,25 @@ import torch
 from ..budget import kv_bytes
 
 
-def pad_left(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and mask, both (B, T) long, T = longest sequence (at least 1)."""
+def pad(seqs: Sequence[Sequence[int]], pad_id: int = 0, *, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and mask, both (B, T) long, padded on ``side`` ("left" or "right") to the longest sequence (T >= 1)."""
     width = max(1, max((len(s) for s in seqs), default=1))
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for row, s in enumerate(seqs):
         if len(s):
-            ids[row, width - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
-            mask[row, width - len(s):] = 1
+            span = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+            ids[row, span] = torch.as_tensor(list(s), dtype=torch.long)
+            mask[row, span] = 1
     return ids, mask
+
+
+def pad_left(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    return pad(seqs, pad_id, side="left")
 
 
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and mask, both (B, T) long."""
-    width = max(1, max((len(s) for s in seqs), default=1))
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        if len(s):
-            ids[row, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-            mask[row, : len(s)] = 1
-    return ids, mask
+    return pad(seqs, pad_id, side="right")
 
 
 def positions(mask: torch.Tensor, start: torch.Tensor | int = 0) -> torch.Tensor:
