@@ -81,6 +81,17 @@ class KVLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.__init__(self.layer_idx)
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep rows ``indices`` of the batch (repeats allowed: one prefilled context -> several continuations)."""
+        raise NotImplementedError
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.batch_select_indices(torch.arange(self.batch_size, device=self.device).repeat_interleave(repeats))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
 
 class FullLayer(KVLayer):
     """Keeps every key and value, uncompressed: the 100 % budget reference that must equal the plain model.
@@ -137,13 +148,6 @@ class FullLayer(KVLayer):
             self.keys = self.keys[indices, :, : self.length].contiguous()
             self.values = self.values[indices, :, : self.length].contiguous()
             self.batch_size = self.keys.shape[0]
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.keys is not None:
-            self.batch_select_indices(torch.arange(self.batch_size, device=self.device).repeat_interleave(repeats))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.batch_select_indices(beam_idx)
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:

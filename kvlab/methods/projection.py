@@ -137,12 +137,6 @@ class ProjectedLayer(KVLayer):
             self.sink_slots = self.sink_slots[indices]
         self.batch_size = len(indices)
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self.batch_select_indices(torch.arange(self.batch_size).repeat_interleave(repeats))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.batch_select_indices(beam_idx)
-
 
 def check_orthonormal(basis: torch.Tensor, what: str, atol: float = 1e-4) -> None:
     gram = basis.T.float() @ basis.float()
