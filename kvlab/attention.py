@@ -47,6 +47,15 @@ def clear_handoff() -> None:
     _handoff.read = None
 
 
+def padded_positions(mask: torch.Tensor, start: torch.Tensor | int = 0) -> torch.Tensor:
+    """Position ids (B, T) of a padded batch: ``start + cumsum(mask) - 1``, clamped at 0 (padding is masked anyway).
+
+    ``start`` (int or (B,)) is the number of real tokens each row already has in the cache.
+    """
+    start = start.view(-1, 1) if isinstance(start, torch.Tensor) else start
+    return (mask.long().cumsum(-1) - 1 + start).clamp(min=0)
+
+
 def sdpa(
     query: torch.Tensor,  # (B, H, Q, D)
     key: torch.Tensor,  # (B, H_kv, K, D)

@@ -118,7 +118,7 @@ def capture(
         for i in layers:
             target = getattr(modules[i], "k_norm", None) or modules[i].k_proj
             hooks.append(target.register_forward_hook(_pre_rope_hook(result, i, spec.n_kv_heads, spec.head_dim)))
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    position_ids = attention.padded_positions(attention_mask)
     try:
         with attention.attach(model):
             model(input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache,

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from ..attention import padded_positions
 from ..capturing import capture
 from ..models import ModelSpec
 
@@ -234,7 +235,7 @@ def accumulate_moments(
         starts = tqdm(starts, desc="spectra", unit="batch")
     for start in starts:
         ids, mask = tokens[start:start + rows], attention_mask[start:start + rows]
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # as capture() numbers them
+        positions = padded_positions(mask)  # as capture() numbers them
         first = mask.long().argmax(-1)  # (B,) first real column (contiguous real tokens: left or right padding)
         for group in layer_groups:
             tic = time.perf_counter()

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from ..attention import padded_positions
 from ..budget import kv_bytes
 
 
@@ -37,14 +38,7 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Ten
     return pad(seqs, pad_id, side="right")
 
 
-def positions(mask: torch.Tensor, start: torch.Tensor | int = 0) -> torch.Tensor:
-    """Position ids (B, T) of the real tokens of ``mask`` (B, T): ``start + cumsum(mask) - 1``, clamped at 0.
-
-    ``start`` (int or (B,)) is the number of real tokens each row already has in the cache. Padding gets the
-    position of the real token before it (``start - 1`` when it leads); it is masked, so never read.
-    """
-    start = start.view(-1, 1) if isinstance(start, torch.Tensor) else start
-    return (mask.long().cumsum(-1) - 1 + start).clamp(min=0)
+positions = padded_positions  # the eval modules' name for it
 
 
 def pad_id_of(tokenizer) -> int:
