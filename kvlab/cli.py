@@ -1,8 +1,9 @@
-"""The ``kvlab`` command line: fetch, info, eval, report. Bad input -> a message on stderr and exit code 2."""
+"""The ``kvlab`` command line: fetch, info, eval, fit, report. Bad input -> a message on stderr and exit code 2."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -63,7 +64,6 @@ def cmd_info(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from . import methods
     from .data import TASKS
 
     long_tasks = ("needle", "longqa")
@@ -80,10 +80,7 @@ def cmd_eval(args) -> int:
         raise UsageError(f"--budget must be in (0, 1] (fraction of the full cache's bytes), got {args.budget}")
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be a positive integer, got {args.limit}")
-    try:
-        method = methods.get(args.method, args.budget, **parse_options(args.opt))
-    except (ValueError, TypeError) as e:
-        raise UsageError(str(e)) from e
+    method = _method(args)
 
     from .eval.run import evaluate
     from .models import load_model
@@ -101,6 +98,67 @@ def cmd_eval(args) -> int:
         Path(args.json).write_text(text + "\n")
     print(text)
     return 0
+
+
+def _method(args, **forced):
+    from . import methods
+
+    options = parse_options(args.opt)
+    if "from" in options:  # `--opt from=DIR`: where a fitted method's tensors come from
+        options["source"] = options.pop("from")
+    try:
+        return methods.get(args.method, args.budget, **{**options, **forced})
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from e
+
+
+def cmd_fit(args) -> int:
+    import time
+
+    from .eval.perplexity import perplexity
+    from .models import load_model
+
+    if args.budget is not None and not 0 < args.budget <= 1:
+        raise UsageError(f"--budget must be in (0, 1], got {args.budget}")
+    from . import methods
+
+    fittable = sorted(n for n, cls in methods.REGISTRY.items() if hasattr(cls, "save"))
+    if args.method in methods.REGISTRY and args.method not in fittable:
+        raise UsageError(f"method {args.method!r} has nothing to fit; fittable methods: {', '.join(fittable)}")
+    method = _method(args, source=None)
+    out = Path(args.out)
+    if out.suffix == ".safetensors":
+        raise UsageError(f"--out is a directory (the artefact is written as DIR/<model>.safetensors), got {out}")
+    try:
+        model, tokenizer = load_model(args.model)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    tic = time.perf_counter()
+    method.prepare(model, tokenizer)
+    if args.search:
+        method.search(model, tokenizer)
+    seconds = time.perf_counter() - tic
+    metrics = {"fit_seconds": round(seconds, 1)}
+    if args.eval_chunks:
+        from .methods import Full
+
+        ppl = {"full": perplexity(model, tokenizer, Full(), "wiki", n_chunks=args.eval_chunks, progress=False)["ppl"]}
+        for budget in (0.75, 0.5, 0.25):
+            other = dataclasses.replace(method, budget=budget, allocation="uniform", key_ranks=None, value_ranks=None)
+            ppl[f"uniform@{budget}"] = perplexity(model, tokenizer, other, "wiki", n_chunks=args.eval_chunks,
+                                                  progress=False)["ppl"]
+        metrics["wiki_ppl"] = {k: round(v, 4) for k, v in ppl.items()}
+        metrics["wiki_ppl_chunks"] = f"{args.eval_chunks} x 512 tokens, eval split"
+    name = args.model if args.model in _bundled() else Path(args.model).name
+    path = method.save(out / f"{name}.safetensors", model=model, metrics=metrics)
+    print(json.dumps({"artefact": str(path), "record": str(path.with_suffix(".json")), **metrics}, indent=2))
+    return 0
+
+
+def _bundled():
+    from .models import BUNDLED
+
+    return BUNDLED
 
 
 def cmd_report(args) -> int:
@@ -143,6 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the result JSON here")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("fit", help="fit a method (PCA bases, trained MatryoshkaKV) and save it as safetensors + JSON")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--method", required=True, help="pca or matryoshka")
+    p.add_argument("--budget", type=float, default=None, help="the method's budget (ranks for schedule=fixed)")
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
+    p.add_argument("--search", action="store_true", help="also measure the rank sensitivity for allocation=searched")
+    p.add_argument("--eval-chunks", type=int, default=8, help="wiki eval chunks for the record's perplexities (0: none)")
+    p.add_argument("--out", required=True, help="directory; writes DIR/<model>.safetensors and DIR/<model>.json")
+    p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("report", help="execute every notebook and write reports/index.html")
     p.add_argument("--quick", action="store_true", help="notebooks in QUICK mode")

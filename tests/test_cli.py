@@ -16,6 +16,11 @@ from kvlab.cli import main, parse_options
     (["eval", "--ppl", "wikitext"], "unknown corpus"),
     (["eval", "--method", "full"], "nothing to evaluate"),
     (["eval", "--ppl", "wiki", "--limit", "0"], "--limit must be a positive integer"),
+    (["fit", "--method", "full", "--out", "x"], "method 'full' has nothing to fit; fittable methods: matryoshka, pca"),
+    (["fit", "--method", "pca", "--out", "x.safetensors"], "--out is a directory"),
+    (["fit", "--method", "pca", "--budget", "2", "--out", "x"], "--budget must be in (0, 1]"),
+    (["fit", "--method", "matryoshka", "--opt", "schedule=nested", "--out", "x"], "unknown schedule 'nested'"),
+    (["eval", "--method", "pca", "--opt", "allocation=best", "--ppl", "wiki"], "allocation must be one of"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(argv, message, capsys):
     assert main(argv) == 2

@@ -22,8 +22,9 @@ is well conditioned, which is where a short fine-tune stays.
 Training schedules (``schedule``):
 
 * ``"matryoshka"`` (the paper): every step, a rank for every (layer, kv head) and separately for keys and values is
-  drawn uniformly from the set ``train_ranks`` (default the quarters {D/4, D/2, 3D/4, D}, the official code's
-  ``32 * randint(1, 5)`` for D = 128); one student pass. Independent draws per head mean every prefix of every
+  drawn uniformly from the set ``train_ranks`` (default the eighths {D/8, ..., D}; the official code draws
+  ``32 * randint(1, 5)`` for D = 128, i.e. quarters, but a per-head rank search here works on a grid of D/8);
+  one student pass. Independent draws per head mean every prefix of every
   matrix is trained and heads learn to work next to neighbours at other ranks (what a later per-head rank search
   produces).
 * ``"starbucks"``: a fixed list of ranks, small to large (default {D/4, D/2, 3D/4}; full rank is exact whatever
@@ -42,13 +43,10 @@ record beside it (never pickle).
 from __future__ import annotations
 
 import dataclasses
-import json
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import ClassVar, Iterator
 
 import torch
@@ -56,10 +54,9 @@ import torch
 from ..cache import KVLabCache
 from ..models import ModelSpec
 from .pca import PCA
-from .projection import ProjectedLayer, check_orthonormal
+from .projection import ProjectedLayer
 
 SCHEDULES = ("matryoshka", "starbucks", "fixed")
-FORMAT_VERSION = 1
 
 
 def cayley(a: torch.Tensor) -> torch.Tensor:
@@ -86,28 +83,6 @@ class OrthogonalBases(torch.nn.Module):
         return self.key_init @ cayley(self.key_skew), self.value_init @ cayley(self.value_skew)
 
 
-def _scalar_options(options: dict) -> dict:
-    """JSON-ready options: tensors dropped (they live in the safetensors file), tensors of ranks as lists."""
-    out = {}
-    for key, value in options.items():
-        if isinstance(value, torch.Tensor):
-            if key.endswith("_ranks"):
-                out[key] = value.tolist()
-            continue
-        out[key] = value
-    return out
-
-
-def git_commit() -> str | None:
-    """``git describe --always --dirty`` of the repository kvlab runs from, or None outside a git checkout."""
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
 @dataclass(eq=False)
 class MatryoshkaKV(PCA):
     name: ClassVar[str] = "matryoshka"
@@ -115,16 +90,20 @@ class MatryoshkaKV(PCA):
 
     schedule: str = "matryoshka"
     train_ranks: list | None = None  # ints in 1..D or fractions in (0, 1]; None: the schedule's default
-    steps: int = 100
+    steps: int = 300
     lr: float = 5e-3
     batch_size: int = 2
     train_chunk_len: int = 256  # prepare(): training chunks from the corpus' calib split
-    train_chunks: int = 64
+    train_chunks: int = 512
     kl_weight: float = 0.25
     ce_weight: float = 0.75
     seed: int = 0
     init_key_bases: torch.Tensor | None = field(default=None, repr=False)  # the PCA bases training started from
     init_value_bases: torch.Tensor | None = field(default=None, repr=False)
+
+    FIT_OPTIONS: ClassVar[tuple[str, ...]] = PCA.FIT_OPTIONS + (
+        "schedule", "train_ranks", "steps", "lr", "batch_size", "train_chunk_len", "train_chunks", "kl_weight",
+        "ce_weight", "seed")
 
     def __post_init__(self):
         super().__post_init__()
@@ -132,8 +111,7 @@ class MatryoshkaKV(PCA):
         self._module: OrthogonalBases | None = None
         self._live = False  # inside train_mode(): caches read the live parametrised bases
         self.history = None  # pandas DataFrame of every training step so far
-        self.provenance: dict = {"runs": []}
-        self.metrics: dict = {}  # user-supplied before/after numbers, saved in the JSON record
+        self.provenance.setdefault("runs", [])
 
     # ---- options
     def _check_training_options(self) -> None:
@@ -156,8 +134,10 @@ class MatryoshkaKV(PCA):
     def rank_set(self, head_dim: int) -> list[int]:
         """The training ranks for ``head_dim``, sorted: ``train_ranks`` resolved, or the schedule's default."""
         if self.train_ranks is None:
-            quarters = sorted({max(1, round(head_dim * q / 4)) for q in (1, 2, 3, 4)})
-            return quarters if self.schedule == "matryoshka" else [r for r in quarters if r < head_dim] or [head_dim]
+            if self.schedule == "matryoshka":  # every eighth, so every rank a per-head search picks is trained
+                return sorted({max(1, round(head_dim * q / 8)) for q in range(1, 9)})
+            quarters = sorted({max(1, round(head_dim * q / 4)) for q in (1, 2, 3)})
+            return [r for r in quarters if r < head_dim] or [head_dim]
         ranks = set()
         for r in self.train_ranks:
             if isinstance(r, float) and r <= 1.0:
@@ -282,9 +262,7 @@ class MatryoshkaKV(PCA):
         if not self.fitted:
             tic = time.perf_counter()
             PCA.fit(self, model, calib)
-            self.provenance["pca"] = {"calib_shape": list(calib.shape), "seconds": round(time.perf_counter() - tic, 2),
-                                      "sinks_skipped": self.sinks, "weighting": self.weighting,
-                                      "centered": self.centered}
+            self.provenance["pca"]["seconds"] = round(time.perf_counter() - tic, 2)
         self.trainable()
         if eval_data is not None:
             self.metrics.setdefault("eval_before", train.evaluate_loss(
@@ -293,13 +271,14 @@ class MatryoshkaKV(PCA):
             result = train.distill(model, self, train_data, steps=self.steps, lr=self.lr, batch_size=self.batch_size,
                                    kl_weight=self.kl_weight, ce_weight=self.ce_weight, seed=self.seed,
                                    max_seconds=max_seconds, callback=callback, progress=progress)
-            self._record(result, ModelSpec.from_model(model).head_dim)
+            self._log_run(result, ModelSpec.from_model(model).head_dim)
+            self.sensitivity = None  # measured on the bases before training: stale now
         if eval_data is not None:
             self.metrics["eval_after"] = train.evaluate_loss(
                 model, self, eval_data, batch_size=self.batch_size, kl_weight=self.kl_weight, ce_weight=self.ce_weight)
         return self
 
-    def _record(self, result, head_dim: int) -> None:
+    def _log_run(self, result, head_dim: int) -> None:
         import pandas as pd
 
         done = self.trained_steps
@@ -320,83 +299,33 @@ class MatryoshkaKV(PCA):
     def trained_tokens(self) -> int:
         return sum(run["tokens"] for run in self.provenance.get("runs", []))
 
-    def prepare(self, model, tokenizer) -> "MatryoshkaKV":
-        """Fit PCA and train with the dataclass options on the corpus' calib split (no-op once there are bases)."""
-        if not self.fitted:
-            from ..data import text_chunks
+    def _fit_default(self, model, tokenizer) -> None:
+        """PCA on the corpus' calib split, then ``steps`` steps of training on its ``train_chunks`` chunks."""
+        from ..data import text_chunks
 
-            calib = text_chunks(self.corpus, tokenizer, chunk_len=self.chunk_len, n_chunks=self.calib_chunks,
-                                split="calib")
-            chunks = text_chunks(self.corpus, tokenizer, chunk_len=self.train_chunk_len, n_chunks=self.train_chunks,
-                                 split="calib")
-            self.fit(model, calib, train_data=chunks)
-        return self
+        calib = text_chunks(self.corpus, tokenizer, chunk_len=self.chunk_len, n_chunks=self.calib_chunks, split="calib")
+        chunks = text_chunks(self.corpus, tokenizer, chunk_len=self.train_chunk_len, n_chunks=self.train_chunks,
+                             split="calib")
+        if self.steps:
+            print(f"matryoshka: no artefact for this model and these options (source={self.source!r}); "
+                  f"training {self.steps} steps", file=sys.stderr)
+        self.fit(model, calib, train_data=chunks)
 
-    # ---- persistence
-    def save(self, path: str | Path, metrics: dict | None = None) -> Path:
-        """Write the bases to ``path`` (.safetensors) and the provenance record to ``path`` with suffix .json."""
-        from safetensors.torch import save_file
-
-        if not self.fitted:
-            raise RuntimeError("nothing to save: MatryoshkaKV has no bases yet (fit or prepare first)")
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            raise ValueError(f"save path must end in .safetensors, got {path}")
-        if metrics:
-            self.metrics.update(metrics)
+    # ---- persistence (safetensors + JSON record, see kvlab.methods.artefacts)
+    def _tensors(self) -> dict[str, torch.Tensor]:
         if self._live:
             self.materialize()
-        tensors = {"key_bases": self.key_bases, "value_bases": self.value_bases}
+        tensors = super()._tensors()
         if self.init_key_bases is not None:
             tensors.update(init_key_bases=self.init_key_bases, init_value_bases=self.init_value_bases)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().float().contiguous() for k, v in tensors.items()}, str(path),
-                  metadata={"format": "pt", "method": self.name, "kvlab_format": str(FORMAT_VERSION)})
-        import transformers
+        return tensors
 
-        from .. import __version__
+    def _record(self, model=None) -> dict:
+        return {**super()._record(model), "trained_steps": self.trained_steps, "trained_tokens": self.trained_tokens,
+                "train_seconds": round(sum(run["seconds"] for run in self.provenance.get("runs", [])), 2)}
 
-        record = {
-            "method": self.name, "format": FORMAT_VERSION, "tensors": path.name,
-            "options": _scalar_options(self.options()),
-            "trained_steps": self.trained_steps, "trained_tokens": self.trained_tokens,
-            "train_seconds": round(sum(run["seconds"] for run in self.provenance.get("runs", [])), 2),
-            "metrics": self.metrics, "provenance": self.provenance,
-            "command": sys.argv, "git_commit": git_commit(),
-            "versions": {"kvlab": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        from ..eval.run import _jsonable
-
-        path.with_suffix(".json").write_text(json.dumps(_jsonable(record), indent=1) + "\n")
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> "MatryoshkaKV":
-        """A method with the bases of ``path`` (.safetensors) and the options of its JSON record (if present)."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"no MatryoshkaKV file at {path}")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("method") != cls.name:
-            raise ValueError(f"{path} holds bases of method {meta.get('method')!r}, not {cls.name!r}")
-        tensors = load_file(str(path))
-        record_path = path.with_suffix(".json")
-        record = json.loads(record_path.read_text()) if record_path.exists() else {}
-        allowed = {f.name for f in dataclasses.fields(cls) if f.init} - set(tensors)
-        options = {k: v for k, v in record.get("options", {}).items() if k in allowed}
-        keys, values = tensors.get("key_bases"), tensors.get("value_bases")
-        if keys is None or values is None or keys.ndim != 4 or keys.shape != values.shape:
-            raise ValueError(f"{path} must hold key_bases and value_bases of one shape (layers, kv heads, D, D)")
-        for what in ("key_bases", "value_bases"):
-            for i, basis in enumerate(tensors[what].reshape(-1, *keys.shape[-2:])):
-                check_orthonormal(basis, f"{path}:{what}[{i // keys.shape[1]}, {i % keys.shape[1]}]")
-        known = ("key_bases", "value_bases", "init_key_bases", "init_value_bases")
-        method = cls(**options, **{k: v for k, v in tensors.items() if k in known})
-        method.provenance = record.get("provenance", {"runs": []})
-        method.metrics = record.get("metrics", {})
-        return method
+    def _take(self, tensors: dict, record: dict, path) -> None:
+        super()._take(tensors, record, path)
+        self.init_key_bases, self.init_value_bases = tensors.get("init_key_bases"), tensors.get("init_value_bases")
+        self.provenance.setdefault("runs", [])
+        self._module = None

@@ -8,21 +8,31 @@ error on the tokens that receive most attention matters far more than average en
 * ``sinks``: the first positions (attention sinks) stay at full rank and are left out of the moments;
 * ``weighting="attention"``: each token's contribution to the moments is weighted by the attention it receives.
 
-``budget`` is the fraction of features kept: rank r = round(budget * head_dim) for every head's keys and values
-(or explicit per-head ``key_ranks`` / ``value_ranks`` from a rank search). Sink copies add ``sinks`` full-rank
-entries per sequence; ``cache.kv_bytes()`` reports the measured total.
+``budget`` is the fraction of features kept. ``allocation="uniform"``: rank r = round(budget * head_dim) for every
+head's keys and values; ``allocation="searched"``: per-(layer, head, K/V) ranks from the greedy search on measured
+loss (:mod:`kvlab.search`), whose mean is the budget; or explicit ``key_ranks`` / ``value_ranks``. Sink copies add
+``sinks`` full-rank entries per sequence; ``cache.kv_bytes()`` reports the measured total.
+
+Where the fitted tensors come from (``source``): ``"shipped"`` (default) uses the artefact committed under
+``data/pca/`` when it was made for this model with the same fitting options, and fits otherwise; a path loads that
+artefact; ``None`` always fits. ``save``/``load`` write and read safetensors + a JSON provenance record.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 
 from ..models import ModelSpec
+from . import artefacts
 from .base import Method
-from .projection import ProjectedLayer
+from .projection import ProjectedLayer, check_orthonormal
+
+ALLOCATIONS = ("uniform", "searched")
 
 
 @dataclass
@@ -32,15 +42,22 @@ class PCA(Method):
 
     budget: float = 0.5
     sinks: int = 4
-    weighting: str | None = None  # None or "attention"
+    weighting: str | None = "attention"  # None (plain second moment) or "attention" (the better one here)
     centered: bool = False  # centring is worse here: the cache stores x, not x - mean
     corpus: str = "wiki"
     calib_chunks: int = 64
     chunk_len: int = 512
-    key_ranks: list | None = None  # optional (L, H_kv) ranks; overrides budget
+    allocation: str = "uniform"  # "uniform" or "searched" (greedy on measured loss, kvlab.search)
+    search_chunks: int = 1  # calibration chunks (of search_chunk_len tokens) per sensitivity measurement
+    search_chunk_len: int = 256
+    key_ranks: list | None = None  # optional (L, H_kv) ranks; overrides budget and allocation
     value_ranks: list | None = None
+    source: str | None = "shipped"  # "shipped", a path to an artefact, or None (always fit)
     key_bases: torch.Tensor | None = field(default=None, repr=False)  # (L, H_kv, D, D) columns by importance
     value_bases: torch.Tensor | None = field(default=None, repr=False)
+    sensitivity: object | None = field(default=None, repr=False)  # kvlab.search.Sensitivity of these bases
+
+    FIT_OPTIONS: ClassVar[tuple[str, ...]] = ("sinks", "weighting", "centered", "corpus", "calib_chunks", "chunk_len")
 
     def __post_init__(self):
         super().__post_init__()
@@ -48,6 +65,10 @@ class PCA(Method):
             raise ValueError(f"sinks must be >= 0, got {self.sinks}")
         if self.weighting not in (None, "attention"):
             raise ValueError(f"weighting must be None or 'attention', got {self.weighting!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        self.provenance: dict = getattr(self, "provenance", None) or {}
+        self.metrics: dict = getattr(self, "metrics", None) or {}
 
     @property
     def fitted(self) -> bool:
@@ -60,21 +81,68 @@ class PCA(Method):
         spectra = head_spectra(model, calib, parts=("keys", "values"), centered=self.centered,
                                skip_first=self.sinks, weighting=self.weighting)
         self.key_bases, self.value_bases = spectra.eigenvectors["keys"], spectra.eigenvectors["values"]
+        self.sensitivity = None
+        self.provenance["pca"] = {"calib_shape": list(calib.shape), "sinks_skipped": self.sinks,
+                                  "weighting": self.weighting, "centered": self.centered}
         return self
 
     def prepare(self, model, tokenizer) -> "PCA":
+        """Ready to run: shipped or loaded tensors (``source``) or a fit on the corpus' calib split; with
+        ``allocation="searched"`` and no sensitivity table yet, measure one (minutes on SmolLM2)."""
         if not self.fitted:
+            path = self._source_path(model)
+            if path is not None:
+                self._adopt(path, model)
+            else:
+                self._fit_default(model, tokenizer)
+        if self.allocation == "searched" and self.key_ranks is None and self.sensitivity is None:
+            self.search(model, tokenizer)
+        return self
+
+    def _source_path(self, model) -> Path | None:
+        if self.source is None:
+            return None
+        if self.source == "shipped":
+            return artefacts.find_shipped(self.name, model, self.options(), self.FIT_OPTIONS)
+        return Path(self.source)
+
+    def _fit_default(self, model, tokenizer) -> None:
+        from ..data import text_chunks
+
+        self.fit(model, text_chunks(self.corpus, tokenizer, chunk_len=self.chunk_len, n_chunks=self.calib_chunks,
+                                    split="calib"))
+
+    def search(self, model, tokenizer=None, data: torch.Tensor | None = None, progress: bool = True, **kwargs) -> "PCA":
+        """Measure the rank sensitivity of the current bases (:func:`kvlab.search.measure_sensitivity`) on ``data``
+        or ``search_chunks`` x ``search_chunk_len`` tokens of the corpus' calib split."""
+        from .. import search
+
+        if data is None:
+            if tokenizer is None:
+                raise ValueError("search needs calibration token ids (data=) or a tokenizer to draw them")
             from ..data import text_chunks
 
-            self.fit(model, text_chunks(self.corpus, tokenizer, chunk_len=self.chunk_len,
-                                        n_chunks=self.calib_chunks, split="calib"))
+            data = text_chunks(self.corpus, tokenizer, chunk_len=self.search_chunk_len, n_chunks=self.search_chunks,
+                               split="calib", seed=1)
+        tic = time.perf_counter()
+        self.sensitivity = search.measure_sensitivity(model, self, data, progress=progress, **kwargs)
+        self.provenance["search"] = {"data_shape": list(data.shape), "seconds": round(time.perf_counter() - tic, 1),
+                                     "grid": self.sensitivity.grid.tolist()}
         return self
 
     def ranks(self, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """(L, H_kv) key and value ranks."""
         uniform = torch.full((spec.n_layers, spec.n_kv_heads), max(1, round(self.budget * spec.head_dim)))
-        keys = torch.as_tensor(self.key_ranks) if self.key_ranks is not None else uniform
-        values = torch.as_tensor(self.value_ranks) if self.value_ranks is not None else uniform
+        keys = values = uniform
+        if self.key_ranks is None and self.allocation == "searched":
+            if self.sensitivity is None:
+                raise RuntimeError("allocation='searched' needs a rank sensitivity table: call .prepare(model, "
+                                   "tokenizer) or .search(model, data=ids) first")
+            from ..search import allocate
+
+            keys, values = allocate(self.sensitivity, self.budget)
+        keys = torch.as_tensor(self.key_ranks) if self.key_ranks is not None else keys
+        values = torch.as_tensor(self.value_ranks) if self.value_ranks is not None else values
         for what, r in (("key_ranks", keys), ("value_ranks", values)):
             if r.shape != uniform.shape or r.min() < 1 or r.max() > spec.head_dim:
                 raise ValueError(f"{what} must be {tuple(uniform.shape)} (layers, kv heads) with values in "
@@ -92,3 +160,62 @@ class PCA(Method):
             [self.value_bases[layer_idx, h, :, : value_ranks[layer_idx, h]] for h in heads],
             sinks=self.sinks,
         )
+
+    # ---- persistence
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"key_bases": self.key_bases, "value_bases": self.value_bases}
+        if self.sensitivity is not None:
+            tensors.update(self.sensitivity.tensors())
+        return tensors
+
+    def _record(self, model=None) -> dict:
+        record = {"options": artefacts.jsonable_options({k: v for k, v in self.options().items() if k != "source"}),
+                  "metrics": self.metrics, "provenance": self.provenance}
+        if model is not None:
+            record["model"] = artefacts.model_fingerprint(model)
+        return record
+
+    def save(self, path: str | Path, model=None, metrics: dict | None = None) -> Path:
+        """Write the fitted tensors to ``path`` (.safetensors) and the record to ``path`` with suffix .json. Pass
+        the ``model`` they were fitted to so the record carries its fingerprint (needed for shipped artefacts)."""
+        if not self.fitted:
+            raise RuntimeError(f"nothing to save: {self.name} has no bases yet (fit or prepare first)")
+        if metrics:
+            self.metrics.update(metrics)
+        return artefacts.write(path, self.name, self._tensors(), self._record(model))
+
+    @classmethod
+    def load(cls, path: str | Path, **overrides) -> "PCA":
+        """A method with the tensors of artefact ``path`` and the options of its record (``overrides`` win)."""
+        import dataclasses
+
+        tensors, record = artefacts.read(path, cls.name)
+        allowed = {f.name for f in dataclasses.fields(cls) if f.init and f.repr} - {"source"}
+        options = {k: v for k, v in record.get("options", {}).items() if k in allowed}
+        method = cls(**{**options, **overrides, "source": str(path)})
+        method._take(tensors, record, path)
+        return method
+
+    def _adopt(self, path: Path, model) -> None:
+        """Take the tensors of artefact ``path`` into this method (options stay as they are)."""
+        tensors, record = artefacts.read(path, self.name)
+        spec = ModelSpec.from_model(model)
+        want = (spec.n_layers, spec.n_kv_heads, spec.head_dim, spec.head_dim)
+        if tuple(tensors["key_bases"].shape) != want:
+            raise ValueError(f"{path} holds bases of shape {tuple(tensors['key_bases'].shape)}, the model needs {want}")
+        self._take(tensors, record, path)
+
+    def _take(self, tensors: dict, record: dict, path) -> None:
+        from ..search import Sensitivity
+
+        keys, values = tensors.get("key_bases"), tensors.get("value_bases")
+        if keys is None or values is None or keys.ndim != 4 or keys.shape != values.shape:
+            raise ValueError(f"{path} must hold key_bases and value_bases of one shape (layers, kv heads, D, D)")
+        for what in ("key_bases", "value_bases"):
+            for i, basis in enumerate(tensors[what].reshape(-1, *keys.shape[-2:])):
+                check_orthonormal(basis, f"{path}:{what}[{i // keys.shape[1]}, {i % keys.shape[1]}]")
+        self.key_bases, self.value_bases = keys, values
+        self.sensitivity = Sensitivity.from_tensors(tensors)
+        self.provenance = record.get("provenance", {})
+        self.metrics = record.get("metrics", {})
+        self.provenance["loaded_from"] = str(path)

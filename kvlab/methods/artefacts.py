@@ -1,0 +1,124 @@
+"""Fitted artefacts of methods (bases, rank sensitivities): safetensors + a JSON provenance record beside them.
+
+A record says what made the tensors (options, command, commit, steps, tokens, metrics) and for which model (a
+fingerprint of its geometry and weights), so :func:`find_shipped` can pick the artefact committed under ``data/``
+for the model and options at hand, and never hands a user tensors fitted to another model or other options.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+FORMAT_VERSION = 1
+
+
+def shipped_dir() -> Path:
+    """``data/`` of the kvlab checkout: where trained compressors are committed."""
+    return Path(__file__).resolve().parents[2] / "data"
+
+
+@torch.no_grad()
+def model_fingerprint(model) -> dict:
+    """Geometry and a weight checksum (sum of squares of every parameter, float64, 9 significant digits)."""
+    from ..models import ModelSpec
+
+    spec = ModelSpec.from_model(model)
+    total = sum(float(p.detach().double().pow(2).sum()) for p in model.parameters())
+    return {"arch": spec.arch, "n_layers": spec.n_layers, "n_kv_heads": spec.n_kv_heads, "head_dim": spec.head_dim,
+            "weights_sq": float(f"{total:.9g}")}
+
+
+def same_model(a: dict | None, b: dict | None) -> bool:
+    if not a or not b or any(a.get(k) != b.get(k) for k in ("arch", "n_layers", "n_kv_heads", "head_dim")):
+        return False
+    return abs(a["weights_sq"] - b["weights_sq"]) <= 1e-6 * max(abs(a["weights_sq"]), 1.0)
+
+
+def git_commit() -> str | None:
+    """``git describe --always --dirty`` of the repository kvlab runs from, or None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def jsonable_options(options: dict) -> dict:
+    """Options ready for JSON: tensors dropped (they live in the safetensors file), per-head ranks as lists."""
+    out = {}
+    for key, value in options.items():
+        if isinstance(value, torch.Tensor):
+            if key.endswith("_ranks"):
+                out[key] = value.tolist()
+            continue
+        out[key] = value
+    return out
+
+
+def write(path: str | Path, method_name: str, tensors: dict[str, torch.Tensor], record: dict) -> Path:
+    """``path`` (.safetensors) with ``tensors`` (fp32) and ``path.json`` with ``record`` plus versions and time."""
+    import sys
+
+    import transformers
+    from safetensors.torch import save_file
+
+    from .. import __version__
+    from ..eval.run import _jsonable
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"save path must end in .safetensors, got {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().float().contiguous() for k, v in tensors.items() if v is not None}, str(path),
+              metadata={"format": "pt", "method": method_name, "kvlab_format": str(FORMAT_VERSION)})
+    record = {"method": method_name, "format": FORMAT_VERSION, "tensors": path.name, **record,
+              "command": record.get("command", sys.argv), "git_commit": git_commit(),
+              "versions": {"kvlab": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+              "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    path.with_suffix(".json").write_text(json.dumps(_jsonable(record), indent=1) + "\n")
+    return path
+
+
+def read(path: str | Path, method_name: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, record) of an artefact written by :func:`write` for ``method_name``; clear errors otherwise."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_dir():
+        candidates = sorted(path.glob("*.safetensors"))
+        if len(candidates) != 1:
+            raise FileNotFoundError(f"{path} must hold exactly one .safetensors artefact, found {len(candidates)}")
+        path = candidates[0]
+    if not path.exists():
+        raise FileNotFoundError(f"no {method_name} artefact at {path}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("method") != method_name:
+        raise ValueError(f"{path} holds an artefact of method {meta.get('method')!r}, not {method_name!r}")
+    record_path = path.with_suffix(".json")
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    return load_file(str(path)), record
+
+
+def find_shipped(method_name: str, model, options: dict, keys: tuple[str, ...]) -> Path | None:
+    """The artefact under ``data/<method_name>/`` made for ``model`` with the same values of ``options[keys]``."""
+    folder = shipped_dir() / method_name
+    if not folder.is_dir():
+        return None
+    fingerprint = None
+    wanted = jsonable_options({k: options[k] for k in keys})
+    for record_path in sorted(folder.glob("*.json")):
+        record = json.loads(record_path.read_text())
+        if any(record.get("options", {}).get(k) != v for k, v in wanted.items()):
+            continue
+        fingerprint = fingerprint or model_fingerprint(model)
+        if same_model(record.get("model"), fingerprint):
+            return record_path.with_suffix(".safetensors")
+    return None
