@@ -22,9 +22,13 @@ from .forward import Meter, forward, progress_bar, token_logprobs
 PROTOCOLS = ("throughout", "context")
 
 
-def check_protocol(protocol: str) -> None:
+def check_protocol(protocol: str, method=None) -> None:
+    """``protocol`` must be known and, given a method, one it supports (token eviction: "context" only)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; allowed: {', '.join(PROTOCOLS)}")
+    supported = getattr(method, "protocols", PROTOCOLS)
+    if protocol not in supported:
+        raise ValueError(f"method {method.name!r} supports protocol(s) {', '.join(supported)}, not {protocol!r}")
 
 
 def context_length(chunk_len: int, context_frac: float) -> int:

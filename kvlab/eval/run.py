@@ -17,7 +17,7 @@ import time
 from .forward import Meter
 from .longcontext import LONG_TASKS, SETTINGS, long_context
 from .multiple_choice import multiple_choice
-from .perplexity import PROTOCOLS, perplexity
+from .perplexity import check_protocol, perplexity
 
 
 def allowed_tasks() -> tuple[str, ...]:
@@ -77,8 +77,7 @@ def evaluate(model, tokenizer, method, *, tasks=(), ppl=(), limit: int | None = 
     """
     tasks, ppl = list(tasks), list(ppl)
     check_names(tasks, ppl)
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; allowed: {', '.join(PROTOCOLS)}")
+    check_protocol(protocol, method)
     bad = [s for s in long_settings if s not in SETTINGS]
     if bad or not long_settings:
         raise ValueError(f"long_settings must be a non-empty subset of {SETTINGS}, got {long_settings}")
@@ -121,6 +120,7 @@ def evaluate(model, tokenizer, method, *, tasks=(), ppl=(), limit: int | None = 
         "budget_nominal": getattr(method, "budget", None),
         "budget_theoretical": kv["theoretical_budget"],
         "options": method.options() if hasattr(method, "options") else {},
+        "artefact": (getattr(method, "provenance", None) or {}).get("loaded_from"),  # fitted tensors used, if loaded
         "protocol": protocol,
         "tasks": out_tasks,
         "ppl": out_ppl,

@@ -7,8 +7,12 @@ import dataclasses
 from .base import Full, Method, NoCompression
 from .matryoshka import MatryoshkaKV
 from .pca import PCA
+from .reuse import Reuse
+from .token_methods import H2O, SnapKV, Streaming
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (NoCompression, Full, PCA, MatryoshkaKV)}
+REGISTRY: dict[str, type[Method]] = {
+    cls.name: cls for cls in (NoCompression, Full, PCA, MatryoshkaKV, Reuse, Streaming, H2O, SnapKV)
+}
 
 
 def get(name: str, budget: float | None = None, **options) -> Method:
@@ -27,4 +31,5 @@ def get(name: str, budget: float | None = None, **options) -> Method:
     return cls(**options)
 
 
-__all__ = ["Method", "NoCompression", "Full", "PCA", "MatryoshkaKV", "REGISTRY", "get"]
+__all__ = ["Method", "NoCompression", "Full", "PCA", "MatryoshkaKV", "Reuse", "Streaming", "H2O", "SnapKV", "REGISTRY",
+           "get"]

@@ -61,7 +61,8 @@ class Method:
             yield
 
     def options(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The user-facing options (fields shown in repr; fitted tensors and tables are not options)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
 
 
 @dataclass
