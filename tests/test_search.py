@@ -124,3 +124,21 @@ def test_matryoshka_artefact_keeps_training_and_search(tmp_path):
     assert torch.equal(torch.stack(half.ranks(kvlab.ModelSpec.from_model(model))),
                        torch.stack(allocate(mat.sensitivity, 0.25)))
     assert dataclasses.replace(again, budget=0.75).sensitivity is again.sensitivity
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["pca", "matryoshka"])
+def test_shipped_artefacts_serve_smollm2(smollm2, name):
+    model, tok = smollm2
+    method = get(name, 0.5, allocation="searched").prepare(model, tok)
+    assert method.provenance["loaded_from"].endswith(f"data/{name}/smollm2.safetensors")  # no fitting at run time
+    spec = kvlab.ModelSpec.from_model(model)
+    keys, values = method.ranks(spec)
+    assert keys.unique().numel() > 2 and values.unique().numel() > 2  # ragged: ranks differ across heads
+    assert torch.cat([keys, values]).float().mean() <= 0.5 * spec.head_dim
+    ids = kvlab.data.text_chunks("wiki", tok, chunk_len=256, n_chunks=1, split="eval")
+    with torch.no_grad(), method.apply(model) as cache:
+        model(ids, past_key_values=cache)
+    report = cache.kv_bytes()
+    assert abs(report.measured - report.theoretical) <= 0.02 * report.theoretical
+    assert 0.5 <= report.budget <= 0.52  # ranks at half the features + 4 full-rank sink tokens of 256

@@ -50,12 +50,15 @@ def git_commit() -> str | None:
 
 
 def jsonable_options(options: dict) -> dict:
-    """Options ready for JSON: tensors dropped (they live in the safetensors file), per-head ranks as lists."""
+    """Options ready for JSON: per-head ranks as lists; tensors and objects holding tensors (a measured
+    sensitivity) dropped, since they live in the safetensors file."""
     out = {}
     for key, value in options.items():
         if isinstance(value, torch.Tensor):
             if key.endswith("_ranks"):
                 out[key] = value.tolist()
+            continue
+        if hasattr(value, "tensors"):
             continue
         out[key] = value
     return out
