@@ -1,0 +1,99 @@
+"""Feature-axis table (MatryoshkaKV issue): six zero-shot tasks + wiki perplexity for PCA and MatryoshkaKV per budget.
+
+Each configuration is one ``kvlab.eval.run.evaluate`` call (compressed attention throughout), written as JSON under
+``--out`` (skipped when the file exists, so the run resumes). ``--table`` prints the markdown table of what is there,
+with the paper's LLaMA2-7B numbers beside it.
+
+    python benchmarks/feature_axis.py --limit 500 --configs full matryoshka-searched@0.5 pca@0.5
+    python benchmarks/feature_axis.py --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+SIX = ("piqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge", "csqa")
+# MatryoshkaKV (Lin et al., ICLR 2025), LLaMA2-7B, average of the six tasks: budget -> (PCA, MatryoshkaKV)
+PAPER = {0.875: (61.25, 61.74), 0.75: (60.67, 61.55), 0.625: (58.31, 60.49), 0.5: (43.07, 59.11),
+         0.375: (33.14, 56.94), 0.25: (32.92, 48.73)}
+PAPER_FULL = 61.16
+VARIANTS = {  # label -> (method, options)
+    "full": ("full", {}),
+    "pca": ("pca", {}),  # sinks 4 + attention-weighted moments: the best training-free variant
+    "pca-searched": ("pca", {"allocation": "searched"}),
+    "matryoshka": ("matryoshka", {}),
+    "matryoshka-searched": ("matryoshka", {"allocation": "searched"}),
+}
+
+
+def parse(config: str) -> tuple[str, float]:
+    label, _, budget = config.partition("@")
+    if label not in VARIANTS:
+        raise SystemExit(f"unknown variant {label!r}; choose from {', '.join(VARIANTS)} (as name@budget)")
+    return label, float(budget) if budget else 1.0
+
+
+def run(configs: list[str], out: Path, limit: int, ppl_chunks: int, seed: int) -> None:
+    import kvlab
+    from kvlab.eval.run import evaluate
+
+    model, tok = kvlab.load_model("smollm2")
+    out.mkdir(parents=True, exist_ok=True)
+    for config in configs:
+        label, budget = parse(config)
+        path = out / f"{label}@{budget}-n{limit}.json"
+        if path.exists():
+            print(f"skip {path} (exists)")
+            continue
+        name, options = VARIANTS[label]
+        method = kvlab.methods.get(name, None if name == "full" else budget, **options)
+        tasks = evaluate(model, tok, method, tasks=SIX, limit=limit, seed=seed)
+        ppl = evaluate(model, tok, method, ppl=["wiki"], limit=ppl_chunks, seed=seed)
+        result = {**tasks, "ppl": ppl["ppl"], "seconds": tasks["seconds"] + ppl["seconds"], "label": label,
+                  "avg_acc": sum(tasks["tasks"][t]["acc"] for t in SIX) / len(SIX)}
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"{label}@{budget}: avg acc {result['avg_acc']:.4f}, wiki ppl {ppl['ppl']['wiki']['ppl']:.3f}, "
+              f"measured budget {tasks['budget']:.4f}, {result['seconds']:.0f} s")
+
+
+def table(out: Path) -> str:
+    rows = {}
+    for path in sorted(out.glob("*.json")):
+        r = json.loads(path.read_text())
+        rows[(r["label"], r["budget_nominal"] or 1.0, r["settings"]["limit"])] = r
+    full = {n: r for (label, _, n), r in rows.items() if label == "full"}
+    lines = ["| variant | budget | measured budget | n/task | " + " | ".join(SIX) + " | avg | % of full | wiki ppl "
+             "(x full) | paper PCA -> MatryoshkaKV (LLaMA2-7B avg) |",
+             "|" + "---|" * (len(SIX) + 8)]
+    for (label, budget, n), r in sorted(rows.items(), key=lambda kv: (-kv[0][1], kv[0][0])):
+        ref = full.get(n)
+        share = f"{100 * r['avg_acc'] / ref['avg_acc']:.1f}" if ref else "-"
+        ppl = r["ppl"]["wiki"]["ppl"]
+        rel = f"{ppl:.2f} ({ppl / ref['ppl']['wiki']['ppl']:.2f}x)" if ref else f"{ppl:.2f}"
+        paper = PAPER.get(budget)
+        paper_text = f"{paper[0]:.2f} -> {paper[1]:.2f}" if paper else (f"full {PAPER_FULL}" if label == "full" else "")
+        accs = " | ".join(f"{100 * r['tasks'][t]['acc']:.1f}" for t in SIX)
+        lines.append(f"| {label} | {budget:.3f} | {r['budget']:.3f} | {n} | {accs} | {100 * r['avg_acc']:.2f} | "
+                     f"{share} | {rel} | {paper_text} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="*", default=[], help="variant@budget, e.g. matryoshka-searched@0.5")
+    parser.add_argument("--limit", type=int, default=500, help="items per task (seeded subset)")
+    parser.add_argument("--ppl-chunks", type=int, default=40, help="wiki eval chunks of 512 tokens")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "data" / "results" / "feature_axis")
+    parser.add_argument("--table", action="store_true")
+    args = parser.parse_args()
+    if args.configs:
+        run(args.configs, args.out, args.limit, args.ppl_chunks, args.seed)
+    if args.table:
+        print(table(args.out))
+
+
+if __name__ == "__main__":
+    main()
