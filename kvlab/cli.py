@@ -81,6 +81,12 @@ def cmd_eval(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be a positive integer, got {args.limit}")
     method = _method(args)
+    from .eval.perplexity import PROTOCOLS
+
+    supported = getattr(method, "protocols", PROTOCOLS)
+    protocol = args.protocol or supported[0]
+    if protocol not in supported:
+        raise UsageError(f"method {method.name!r} supports --protocol {' or '.join(supported)}, not {protocol!r}")
 
     from .eval.run import evaluate
     from .models import load_model
@@ -90,7 +96,7 @@ def cmd_eval(args) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from e
     result = evaluate(model, tokenizer, method, tasks=tasks, ppl=corpora, limit=args.limit,
-                      context_len=args.context_len, seed=args.seed)
+                      context_len=args.context_len, seed=args.seed, protocol=protocol)
     result["model"] = args.model
     text = json.dumps(result, indent=2)
     if args.json:
@@ -198,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl", help="comma-separated corpora: wiki,c4")
     p.add_argument("--limit", type=int, help="items per task / perplexity chunks (seeded subset)")
     p.add_argument("--context-len", type=int, default=2048, help="tokens of context for needle/longqa")
+    p.add_argument("--protocol", choices=("throughout", "context"), default=None,
+                   help="perplexity/zero-shot protocol: compressed attention throughout, or compress the context then "
+                        "continue (default: the method's first supported; token eviction supports only context)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the result JSON here")
     p.set_defaults(func=cmd_eval)

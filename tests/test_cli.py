@@ -21,6 +21,8 @@ from kvlab.cli import main, parse_options
     (["fit", "--method", "pca", "--budget", "2", "--out", "x"], "--budget must be in (0, 1]"),
     (["fit", "--method", "matryoshka", "--opt", "schedule=nested", "--out", "x"], "unknown schedule 'nested'"),
     (["eval", "--method", "pca", "--opt", "allocation=best", "--ppl", "wiki"], "allocation must be one of"),
+    (["eval", "--method", "h2o", "--budget", "0.5", "--protocol", "throughout", "--ppl", "wiki"],
+     "method 'h2o' supports --protocol context, not 'throughout'"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(argv, message, capsys):
     assert main(argv) == 2
