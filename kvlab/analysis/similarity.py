@@ -279,18 +279,11 @@ def layer_similarity(
     parts = (parts,) if isinstance(parts, str) else tuple(parts)
     if not parts or any(p not in PARTS for p in parts) or len(set(parts)) != len(parts):
         raise ValueError(f"parts must be distinct names from {', '.join(PARTS)}, got {parts!r}")
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be (N, T) token ids, got shape {tuple(tokens.shape)}")
     if not isinstance(skip_first, int) or skip_first < 0:
         raise ValueError(f"skip_first must be a non-negative int, got {skip_first!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(tokens)
-    if attention_mask.shape != tokens.shape:
-        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match tokens {tuple(tokens.shape)}")
+    from .spectra import _one_thread, checked_mask
 
-    from .spectra import _one_thread
+    attention_mask = checked_mask(tokens, attention_mask, batch_size)
 
     spec = ModelSpec.from_model(model)
     stats = {p: SimilarityStats(spec.n_layers, spec.n_kv_heads, spec.head_dim) for p in parts}

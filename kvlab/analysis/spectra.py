@@ -174,6 +174,19 @@ def _accumulate_batch(moments: dict, part: str, layer: int, x: torch.Tensor, mas
         per_part[part].add(layer, xg, valid)
 
 
+def checked_mask(tokens: torch.Tensor, attention_mask: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+    """The (N, T) attention mask of (N, T) ``tokens`` (all ones if None), after checking shapes and batch size."""
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be (N, T) token ids, got shape {tuple(tokens.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if attention_mask is None:
+        return torch.ones_like(tokens)
+    if attention_mask.shape != tokens.shape:
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match tokens {tuple(tokens.shape)}")
+    return attention_mask
+
+
 def accumulate_moments(
     model,
     tokens: torch.Tensor,
@@ -202,14 +215,7 @@ def accumulate_moments(
     skips = (skip_first,) if isinstance(skip_first, int) else tuple(skip_first)
     if not skips or any(not isinstance(s, int) or s < 0 for s in skips):
         raise ValueError(f"skip_first must be a non-negative int or a sequence of them, got {skip_first!r}")
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be (N, T) token ids, got shape {tuple(tokens.shape)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(tokens)
-    if attention_mask.shape != tokens.shape:
-        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match tokens {tuple(tokens.shape)}")
+    attention_mask = checked_mask(tokens, attention_mask, batch_size)
 
     spec = ModelSpec.from_model(model)
     layers = list(range(spec.n_layers))

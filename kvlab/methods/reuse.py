@@ -126,16 +126,12 @@ class ReuseLayer(FullLayer):
         return [t for t in (self.keys, self.values) if t is not None]
 
     def accounting(self):
-        rows = []
-        for part, dim in (("K", self.head_dim), ("V", self.value_dim)):
-            for head in range(self.n_heads):
-                source = self.sources.get(head)
-                kept = 0 if source is not None else self.length
-                rows.append(dict(head=head, part=part, full=self.full_bytes_per_head(part),
-                                 theoretical=self.batch_size * kept * dim * self.element_size,
-                                 tokens_seen=self.seen, tokens_kept=kept, dims_full=dim,
-                                 dims_kept=0 if source is not None else dim,
-                                 reused_from=source.layer_idx if source is not None else -1))
+        rows = super().accounting()
+        for row in rows:  # a reused head stores nothing: it reads its source layer's entry
+            source = self.sources.get(row["head"])
+            row["reused_from"] = -1 if source is None else source.layer_idx
+            if source is not None:
+                row.update(theoretical=0, tokens_kept=0, dims_kept=0)
         return rows
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
