@@ -131,7 +131,10 @@ def cmd_fit(args) -> int:
     fittable = sorted(n for n, cls in methods.REGISTRY.items() if hasattr(cls, "save"))
     if args.method in methods.REGISTRY and args.method not in fittable:
         raise UsageError(f"method {args.method!r} has nothing to fit; fittable methods: {', '.join(fittable)}")
-    method = _method(args, source=None)
+    method = _method(args, **({"source": None} if "source" in _fields(method_cls := methods.REGISTRY[args.method])
+                              else {}))
+    if args.search and not hasattr(method_cls, "search"):
+        raise UsageError(f"--search measures rank sensitivity; method {args.method!r} has no rank search")
     out = Path(args.out)
     if out.suffix == ".safetensors":
         raise UsageError(f"--out is a directory (the artefact is written as DIR/<model>.safetensors), got {out}")
@@ -148,17 +151,24 @@ def cmd_fit(args) -> int:
     if args.eval_chunks:
         from .methods import Full
 
-        ppl = {"full": perplexity(model, tokenizer, Full(), "wiki", n_chunks=args.eval_chunks, progress=False)["ppl"]}
-        for budget in (0.75, 0.5, 0.25):
-            other = dataclasses.replace(method, budget=budget, allocation="uniform", key_ranks=None, value_ranks=None)
-            ppl[f"uniform@{budget}"] = perplexity(model, tokenizer, other, "wiki", n_chunks=args.eval_chunks,
-                                                  progress=False)["ppl"]
+        def wiki(m) -> float:
+            return perplexity(model, tokenizer, m, "wiki", n_chunks=args.eval_chunks, progress=False)["ppl"]
+
+        ppl = {"full": wiki(Full()), f"{method.name}@{method.budget}": wiki(method)}
+        if "allocation" in _fields(method_cls):  # feature-axis bases serve every budget: uniform ranks at three
+            for budget in (0.75, 0.5, 0.25):
+                ppl[f"uniform@{budget}"] = wiki(dataclasses.replace(method, budget=budget, allocation="uniform",
+                                                                    key_ranks=None, value_ranks=None))
         metrics["wiki_ppl"] = {k: round(v, 4) for k, v in ppl.items()}
         metrics["wiki_ppl_chunks"] = f"{args.eval_chunks} x 512 tokens, eval split"
     name = args.model if args.model in _bundled() else Path(args.model).name
     path = method.save(out / f"{name}.safetensors", model=model, metrics=metrics)
     print(json.dumps({"artefact": str(path), "record": str(path.with_suffix(".json")), **metrics}, indent=2))
     return 0
+
+
+def _fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 def _bundled():

@@ -7,11 +7,12 @@ import dataclasses
 from .base import Full, Method, NoCompression
 from .matryoshka import MatryoshkaKV
 from .pca import PCA
+from .kvcar import KVCAR
 from .reuse import Reuse
 from .token_methods import H2O, SnapKV, Streaming
 
 REGISTRY: dict[str, type[Method]] = {
-    cls.name: cls for cls in (NoCompression, Full, PCA, MatryoshkaKV, Reuse, Streaming, H2O, SnapKV)
+    cls.name: cls for cls in (NoCompression, Full, PCA, MatryoshkaKV, KVCAR, Reuse, Streaming, H2O, SnapKV)
 }
 
 
@@ -31,5 +32,5 @@ def get(name: str, budget: float | None = None, **options) -> Method:
     return cls(**options)
 
 
-__all__ = ["Method", "NoCompression", "Full", "PCA", "MatryoshkaKV", "Reuse", "Streaming", "H2O", "SnapKV", "REGISTRY",
+__all__ = ["Method", "NoCompression", "Full", "PCA", "MatryoshkaKV", "KVCAR", "Reuse", "Streaming", "H2O", "SnapKV", "REGISTRY",
            "get"]

@@ -280,7 +280,7 @@ class Reuse(Method):
         return KVLabCache(layers)
 
     # ---- persistence
-    def save(self, path: str | Path, model=None) -> Path:
+    def save(self, path: str | Path, model=None, metrics: dict | None = None) -> Path:
         """Write the measured similarity (safetensors) and a JSON record with the options beside it."""
         from . import artefacts
 
@@ -290,6 +290,8 @@ class Reuse(Method):
                   "similarity": {"n_tokens": self.similarity.n_tokens, "skip_first": self.similarity.skip_first}}
         if model is not None:
             record["model"] = artefacts.model_fingerprint(model)
+        if metrics:
+            record["metrics"] = metrics
         return artefacts.write(path, self.name, self.similarity.tensors(), record)
 
     @classmethod
