@@ -16,7 +16,7 @@ from kvlab.cli import main, parse_options
     (["eval", "--ppl", "wikitext"], "unknown corpus"),
     (["eval", "--method", "full"], "nothing to evaluate"),
     (["eval", "--ppl", "wiki", "--limit", "0"], "--limit must be a positive integer"),
-    (["fit", "--method", "full", "--out", "x"], "method 'full' has nothing to fit; fittable methods: kvcar, matryoshka, pca, reuse"),
+    (["fit", "--method", "full", "--out", "x"], "method 'full' has nothing to fit; fittable methods: attention_gate, kvcar, matryoshka, pca, reuse"),
     (["fit", "--method", "reuse", "--search", "--out", "x"], "method 'reuse' has no rank search"),
     (["fit", "--method", "pca", "--out", "x.safetensors"], "--out is a directory"),
     (["fit", "--method", "pca", "--budget", "2", "--out", "x"], "--budget must be in (0, 1]"),
