@@ -18,6 +18,9 @@ What a method provides:
   entry is one student pass; the step's loss is the **sum** over the entries (one backward per entry, gradients
   accumulate, then one optimiser step). MatryoshkaKV returns one entry with sampled ranks (Matryoshka) or one
   per rank of a fixed list (Starbucks). Default: ``[("", lambda: method.new_cache(model))]``.
+* ``auxiliary_loss() -> Tensor | None`` (optional): called after each student pass; a scalar added to that pass's
+  loss before its backward (e.g. Attention-Gate's sparsity term, collected during the forward). The logged
+  ``loss`` stays the distillation loss; methods log their own terms through ``callback``.
 
     result = distill(model, method, ids, steps=100, lr=5e-3, batch_size=2, seed=0)
     result.history       # DataFrame: step, loss, kl, ce, tokens, seconds, step_seconds (+ loss[label] per entry)
@@ -172,6 +175,7 @@ def distill(model, method, data: torch.Tensor, *, steps: int, lr: float = 5e-3, 
             if any(id(p) in own for p in params):
                 raise ValueError("the method's trainable parameters include the model's own weights; they must be frozen")
             optimizer = torch.optim.Adam(params, lr=lr)
+            auxiliary = getattr(method, "auxiliary_loss", None)
             bar = tqdm(range(steps), desc=f"distill {getattr(method, 'name', '')}", unit="step", disable=not progress)
             for step in bar:
                 tic = time.perf_counter()
@@ -187,7 +191,8 @@ def distill(model, method, data: torch.Tensor, *, steps: int, lr: float = 5e-3, 
                     for label, make_cache in entries:
                         logits = _forward(model, ids, make_cache())
                         loss, kl, ce = distill_loss(logits, target, ids, kl_weight, ce_weight)
-                        loss.backward()
+                        extra = auxiliary() if auxiliary is not None else None
+                        (loss if extra is None else loss + extra).backward()
                         total, kl_sum, ce_sum = total + loss.item(), kl_sum + kl.item(), ce_sum + ce.item()
                         if len(entries) > 1:
                             row[f"loss[{label}]"] = loss.item()

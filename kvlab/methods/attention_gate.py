@@ -53,9 +53,8 @@ loop :func:`kvlab.train.distill`: loss = kl_weight KL(teacher || student) + ce_w
 
 The flags enter attention as the additive mask log(f) on the logits (0 or -inf), computed as a multiplicative mask on
 exp(logits) so that its gradient at f = 0 is finite: d out_i / d f_j = e_ij (v_j - out_i) / sum_k f_k e_ik, the
-effect of keeping token j. The sparsity term reaches the gate through an identity autograd node on each layer's
-attention output whose backward adds d sparsity / d f (distill only backpropagates the distillation loss); its value is
-logged per step (``history``: ``keep_rate``, ``sparsity``, ``total``). The gate reads its hidden states detached:
+effect of keeping token j. Each layer's sparsity term is collected during the forward and added to the loss by
+:func:`kvlab.train.distill` through ``auxiliary_loss()``; its value is logged per step (``history``: ``keep_rate``, ``sparsity``, ``total``). The gate reads its hidden states detached:
 gradients reach gate l only through its own flags (their effect on the loss downstream, and its sparsity term), not
 through the way earlier gates changed layer l's input.
 
@@ -158,18 +157,6 @@ class GateWeights(torch.nn.Module):
         return module
 
 
-class _AddLoss(torch.autograd.Function):
-    """Identity on ``x``; its backward also sends gradient 1 to the scalar ``loss`` (an auxiliary loss term)."""
-
-    @staticmethod
-    def forward(ctx, x, loss):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, torch.ones((), dtype=grad.dtype, device=grad.device)
-
-
 def weighted_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor,
                        weight: torch.Tensor, scaling: float | None) -> torch.Tensor:
     """Softmax attention with a multiplicative key mask, differentiable in ``weight``; fp32.
@@ -268,7 +255,7 @@ class GateLayer(EvictionLayer):
             weight = torch.where(near, torch.ones_like(slot_flags[:, :, None, :]), slot_flags[:, :, None, :])
             weight = weight * allowed.float()
             out = weighted_attention(query, self.keys, self.values, allowed, weight, scaling)
-            out = self._add_sparsity(out, flags_new, real3 & ~sink)
+            self._add_sparsity(flags_new, real3 & ~sink)
         else:
             visible = slot_mask & (slot_flags[:, :, None, :] | near)  # (B, H_kv, Q, C)
             out = attention.sdpa(query, self.keys, self.values, self._per_query_head(visible, query), scaling)
@@ -312,18 +299,18 @@ class GateLayer(EvictionLayer):
         self.tau = torch.where(chunk, tau, self.tau)
         return flags
 
-    def _add_sparsity(self, out: torch.Tensor, flags: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    def _add_sparsity(self, flags: torch.Tensor, counted: torch.Tensor) -> None:
+        """Collect this layer's sparsity term for the step (``AttentionGate.auxiliary_loss``)."""
         gate: AttentionGate = self.policy
         weight = counted.float()  # (B, 1, Q)
         n = weight.sum()
         if not float(n):
-            return out
+            return
         rate = (flags * weight).sum(dim=(0, 2)) / n  # (H_kv,) keep rate of the non-sink real tokens
         loss = float(gate.sparsity_weight) * (rate - gate.train_target).pow(2).mean() / gate._n_layers
         gate._stats.append((self.layer_idx, rate.detach().clone(), loss.detach().item()))
         if float(gate.sparsity_weight) and loss.requires_grad:
-            return _AddLoss.apply(out, loss)
-        return out
+            gate._aux.append(loss)
 
     def reset(self) -> None:
         self.__init__(self.layer_idx, self.policy)
@@ -405,6 +392,7 @@ class AttentionGate(Method):
         self._hidden: dict[int, torch.Tensor] = {}
         self._live = False
         self._stats: list[tuple[int, float, float]] = []
+        self._aux: list[torch.Tensor] = []  # sparsity terms of the current student pass (training only)
         self._n_layers = 1
         self.history = None
         self.provenance: dict = getattr(self, "provenance", None) or {}
@@ -549,12 +537,17 @@ class AttentionGate(Method):
         mask attention and the sparsity term; gradients reach ``gate``."""
         module = self.trainable()
         module.requires_grad_(True)
-        self._live, self._stats = True, []
+        self._live, self._stats, self._aux = True, [], []
         try:
             yield module
         finally:
             self._live = False
             module.requires_grad_(False)
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """The sparsity terms collected during the last student pass (for :func:`kvlab.train.distill`)."""
+        terms, self._aux = self._aux, []
+        return torch.stack(terms).sum() if terms else None
 
     def _step_stats(self) -> dict:
         stats, self._stats = self._stats, []
