@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from .attention_gate import AttentionGate
+from .compose import KVCARReuse
 from .base import Full, Method, NoCompression
 from .matryoshka import MatryoshkaKV
 from .pca import PCA
@@ -13,7 +14,7 @@ from .reuse import Reuse
 from .token_methods import H2O, SnapKV, Streaming
 
 REGISTRY: dict[str, type[Method]] = {
-    cls.name: cls for cls in (NoCompression, Full, PCA, MatryoshkaKV, KVCAR, Reuse, Streaming, H2O, SnapKV, AttentionGate)
+    cls.name: cls for cls in (NoCompression, Full, PCA, MatryoshkaKV, KVCAR, Reuse, KVCARReuse, Streaming, H2O, SnapKV, AttentionGate)
 }
 
 
@@ -33,5 +34,5 @@ def get(name: str, budget: float | None = None, **options) -> Method:
     return cls(**options)
 
 
-__all__ = ["Method", "NoCompression", "Full", "PCA", "MatryoshkaKV", "KVCAR", "Reuse", "Streaming", "H2O", "SnapKV", "AttentionGate", "REGISTRY",
+__all__ = ["Method", "NoCompression", "Full", "PCA", "MatryoshkaKV", "KVCAR", "Reuse", "KVCARReuse", "Streaming", "H2O", "SnapKV", "AttentionGate", "REGISTRY",
            "get"]

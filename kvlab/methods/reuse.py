@@ -97,15 +97,21 @@ class ReuseLayer(FullLayer):
             self.length += key_states.shape[-2]
         return key_states, value_states  # plain readers would see only the new entries; kvlab attention won't
 
+    def entries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys, values (B, H_own, T, D) of the heads this layer stores, as attention reads them (subclasses that
+        store them in another form, e.g. :class:`kvlab.methods.compose.CodedReuseLayer`, return them decoded)."""
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
     def stored(self, head: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys, values (B, T, D) this layer stores for kv ``head``."""
-        i = self.slot[head]
-        return self.keys[:, i, : self.length], self.values[:, i, : self.length]
+        keys, values = self.entries()
+        return keys[:, self.slot[head]], values[:, self.slot[head]]
 
     def assemble(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys, values (B, H_kv, T, D) as attention reads them: own heads plus the linked layers' heads."""
         if not self.sources:
-            return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+            return self.entries()
+        read: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer index -> its entries(), read once
         keys, values = [], []
         for h in range(self.n_heads):
             owner = self.sources.get(h, self)
@@ -113,9 +119,11 @@ class ReuseLayer(FullLayer):
                 raise RuntimeError(f"layer {self.layer_idx} holds {self.batch_size}x{self.length} tokens but layer "
                                    f"{owner.layer_idx}, whose head {h} it reuses, holds "
                                    f"{owner.batch_size}x{owner.length}")
-            k, v = owner.stored(h)
-            keys.append(k)
-            values.append(v)
+            if owner.layer_idx not in read:
+                read[owner.layer_idx] = owner.entries()
+            k, v = read[owner.layer_idx]
+            keys.append(k[:, owner.slot[h]])
+            values.append(v[:, owner.slot[h]])
         return torch.stack(keys, 1), torch.stack(values, 1)  # (B, H_kv, T, D)
 
     def attend(self, query, key, value, mask, *, scaling, **kwargs):
