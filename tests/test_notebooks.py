@@ -98,7 +98,134 @@ def check_02_pca_vs_trained(results: dict) -> None:
     assert results["key_figure"] == "ppl_vs_budget.png"
 
 
-CHECKS = {"00_tour": check_00_tour, "01_kv_spectra": check_01_kv_spectra, "02_pca_vs_trained": check_02_pca_vs_trained}
+def check_03_layer_similarity_reuse(results: dict) -> None:
+    methods, budgets = ("KV-CAR codes", "reuse", "both"), ("0.75", "0.52")
+    assert results["quick"] is True and results["shape"] == [30, 3, 64] and results["budgets"] == [0.75, 0.52]
+    assert results["similarity_tokens"] == 4 * (256 - 4)  # 4 chunks of 256, sinks left out
+    assert results["kvcar_code_dim"] == 16
+    for part in ("keys", "values"):
+        cka, cos = results["cka_by_distance"][part], results["cosine_by_distance"][part]
+        assert all(0.0 <= v <= 1.0 for v in cka.values()) and set(cka) == {"1", "2", "4", "8", "16"}
+        # measured on SmolLM2: CKA decays with layer distance; the aligned cosine is ~0 at every distance
+        assert cka["1"] > cka["2"] > cka["16"] and cka["1"] > cka["16"] + 0.05
+        assert all(abs(v) < 0.1 for v in cos.values()) and cka["1"] > cos["1"] + 0.3
+        for metric in ("adjacent_cka", "adjacent_cosine"):
+            table = results[metric][part]
+            assert len(table) == 29 and all(len(row) == 3 for row in table)
+    assert results["cka_by_distance"]["keys"]["1"] > results["cka_by_distance"]["values"]["1"]
+    counts = list(results["candidates"].values())  # thresholds 0.95, 0.9, 0.8: no head reaches 0.8 in K and V
+    assert counts == sorted(counts) and counts[-1] <= 3
+    assert results["n_items"] == {"piqa": 10, "winogrande": 10}
+    assert results["ppl_tokens_per_corpus"] == {"wiki": 2 * 255, "c4": 2 * 255}
+    full = results["full"]
+    assert full["measured"] == 1.0 and 1.0 < full["ppl_wiki"] < 100.0 and 1.0 < full["ppl_c4"] < 200.0
+    for name in methods:
+        for b in budgets:
+            measured, theoretical = results["measured_budget"][name][b], results["theoretical_budget"][name][b]
+            # bytes: measured == theoretical within 2 %, and the budget met (sink copies of coded layers on top)
+            assert abs(measured - theoretical) <= 0.02 * theoretical
+            assert float(b) - 0.03 <= measured <= float(b) + 0.01
+            for t in ("piqa", "winogrande"):
+                assert 0.0 <= results["acc"][t][name][b] <= 1.0
+        for corpus in ("wiki", "c4"):
+            ratio = results["ppl_ratio"][corpus][name]
+            assert 1.0 < ratio["0.75"] < ratio["0.52"]  # compression costs, more at the smaller budget
+    for corpus in ("wiki", "c4"):  # measured order at equal bytes: codes < both < reuse
+        r = results["ppl_ratio"][corpus]
+        for b in budgets:
+            assert r["KV-CAR codes"][b] < r["both"][b] < r["reuse"][b]
+    assert results["measured_budget"]["reuse"]["0.52"] == pytest.approx(1 - 44 / 90)  # ceil(0.48 * 90) heads
+    maps = results["kept_maps_at_lowest"]
+    assert set(maps) == set(methods)
+    for name, m in maps.items():
+        assert len(m) == 30 and all(len(row) == 3 and set(row) <= {0.0, 0.25, 1.0} for row in m)
+        mean = sum(map(sum, m)) / 90
+        assert mean <= results["theoretical_budget"][name]["0.52"] + 1e-9 <= mean + 0.02  # + sink copies
+    assert all(v > 0 for name in methods for v in maps[name][0])  # layer 0 always stores its heads
+    assert results["both_plan_at_lowest"]["reused"] == 22 and results["both_plan_at_lowest"]["coded"] > 0
+    assert results["claim_budget"] == 0.52
+    assert results["key_figure"] == "adjacent_similarity.png"
+
+
+def check_04_attention_score_bias(results: dict) -> None:
+    methods, budgets, eviction = ("streaming", "h2o", "snapkv", "attention_gate"), ("0.5", "0.2"), \
+        ("streaming", "h2o", "snapkv")
+    assert results["quick"] is True and results["budgets"] == [0.5, 0.2] and results["methods"] == list(methods)
+    bias = results["bias"]
+    assert (bias["sequences"], bias["context_len"], bias["n_future"], bias["skip_first"]) == (2, 384, 128, 4)
+    assert bias["correlation_rows"] == 2 * 2 * 30 * 3  # sequences x (accumulated, normalized) x layers x kv heads
+    assert bias["position_curve_bins"] == 32
+    rho = bias["spearman_mean"]
+    assert all(-1.0 <= v <= 1.0 for v in rho.values())
+    # measured on SmolLM2 (quick: 0.48 vs 0.60, normalised better in 73 % of (sequence, layer, kv head)):
+    # accumulated attention ranks tokens worse than the length-normalised score against the future-attention oracle
+    assert rho["accumulated"] < rho["normalized"] - 0.05
+    assert bias["frac_normalized_better"] > 0.6
+    first, last, overlap = bias["first_decile"], bias["last_decile"], bias["overlap"]
+    for b in budgets:
+        # accumulated keeps more early tokens than the oracle, normalised fewer; and accumulated starves the end
+        assert first["accumulated"][b] > first["oracle"][b] > first["normalized"][b]
+        assert last["accumulated"][b] < last["oracle"][b]
+        assert 0.0 < overlap["accumulated"][b] < overlap["normalized"][b] < 1.0
+    gate = results["gate"]
+    assert set(gate) == set(budgets)
+    for b, g in gate.items():
+        assert g["target keep rate"] == float(b) and all(0.0 <= k <= 1.0 for k in g["keep_rate"])
+        assert len(g["keep_rate"]) == len(g["loss"]) == g["history_steps"] > 0
+        if g["source"] == "trained here":  # QUICK: 3 steps of one 128-token chunk
+            assert g["steps"] == g["history_steps"] == 3 and g["tokens"] == 3 * 128
+    if gate["0.2"]["source"] == "trained here":  # the sparsity term pulls the keep rate down towards 20 %
+        assert gate["0.2"]["keep_rate"][-1] < gate["0.2"]["keep_rate"][0] - 0.1
+    ppl = results["ppl"]
+    assert (ppl["chunks"], ppl["chunk_len"], ppl["context_len"], ppl["tokens"]) == (2, 512, 384, 2 * 128)
+    assert 1.0 < ppl["full_context"] < 100.0 and 1.0 < ppl["full_throughout"] < 100.0
+    for name in methods:
+        for b in budgets:
+            measured, theoretical = ppl["measured"][name][b], ppl["theoretical"][name][b]
+            assert theoretical <= measured <= theoretical * 1.01  # int16 column index on top of the kept entries
+            assert ppl["ratio"][name][b] >= 0.99
+    for b in budgets:
+        # eviction of the context only: round(b x 384) context tokens + the 127 continuation tokens fed, of 511 seen
+        for name in eviction:
+            assert ppl["theoretical"][name][b] == pytest.approx((round(float(b) * 384) + 127) / 511, abs=1e-9)
+            assert ppl["measured"][name][b] > float(b) + 0.1  # well above nominal: the continuation is all kept
+        # Attention-Gate evicts the continuation too: its measured budget is the nominal one
+        assert abs(ppl["measured"]["attention_gate"][b] - float(b)) <= 0.01
+        assert abs(ppl["gate_throughout_measured"][b] - float(b)) <= 0.01
+        assert ppl["gate_throughout_ratio"][b] >= 0.99
+        # measured on SmolLM2 (quick): H2O beats the plain window at equal budget
+        assert ppl["ratio"]["h2o"][b] < ppl["ratio"]["streaming"][b]
+    for name in ("h2o", "snapkv", "attention_gate"):  # costs more at the smaller budget (streaming: flat, 1.43/1.42)
+        assert ppl["ratio"][name]["0.5"] < ppl["ratio"][name]["0.2"]
+    assert set(results["tasks"]) == {"arc_easy", "winogrande"}
+    for task in results["tasks"].values():
+        assert task["n"] == 8 and 0.0 <= task["full"] <= 1.0
+        for name in methods:
+            for b in budgets:
+                assert 0.0 <= task["acc"][name][b] <= 1.0
+                assert 0.0 < task["theoretical"][name][b] <= task["measured"][name][b] <= 1.0
+            assert task["measured"][name]["0.2"] < task["measured"][name]["0.5"]
+        assert all(0.0 <= task["gate_throughout_acc"][b] <= 1.0 for b in budgets)
+    assert results["needle"] is None  # QUICK skips the needle
+    maps = results["kept_maps"]
+    assert maps["shape"] == [30, 3, 384] and maps["budget"] == 0.2 and maps["layer"] == 15
+    for name, fraction in maps["kept_fraction"].items():
+        assert fraction == pytest.approx(round(0.2 * 384) / 384)  # every method keeps exactly the budget per head
+    shares = maps["decile_share"]
+    assert all(sum(s) == pytest.approx(1.0) for s in shares.values())
+    assert all(v == 0.0 for v in shares["StreamingLLM"][1:8])  # sinks + a recent window: nothing in the middle
+    assert shares["H2O"][9] > 0.4  # half of H2O's budget is the most recent tokens
+    assert maps["overlap_with_oracle"]["H2O"] > maps["overlap_with_oracle"]["StreamingLLM"]
+    claims = {c["claim"].split(" (")[0]: c for c in results["claims"]}
+    assert len(claims) == 4 and all(isinstance(c["holds here"], bool) and c["n"] for c in claims.values())
+    assert claims["H2O beats a plain window"]["holds here"] is True
+    assert claims["Accumulated attention favours early tokens"]["holds here"] is True
+    assert results["key_figure"] == "spearman_by_head.png"
+
+
+CHECKS = {"00_tour": check_00_tour, "01_kv_spectra": check_01_kv_spectra, "02_pca_vs_trained": check_02_pca_vs_trained,
+          "03_layer_similarity_reuse": check_03_layer_similarity_reuse,
+          "04_attention_score_bias": check_04_attention_score_bias}
 
 
 def test_every_notebook_has_checks():
