@@ -110,6 +110,19 @@ def read(path: str | Path, method_name: str) -> tuple[dict[str, torch.Tensor], d
     return load_file(str(path)), record
 
 
+def load_method(cls, path: str | Path, **overrides):
+    """A ``cls`` method with the options of artefact ``path``'s record (``overrides`` win) that takes its tensors
+    (through ``cls._take``); ``source`` records where they came from."""
+    import dataclasses
+
+    tensors, record = read(path, cls.name)
+    allowed = {f.name for f in dataclasses.fields(cls) if f.init and f.repr} - {"source"}
+    options = {k: v for k, v in record.get("options", {}).items() if k in allowed}
+    method = cls(**{**options, **overrides, "source": str(path)})
+    method._take(tensors, record, path)
+    return method
+
+
 def find_shipped(method_name: str, model, options: dict, keys: tuple[str, ...]) -> Path | None:
     """The artefact under ``data/<method_name>/`` made for ``model`` with the same values of ``options[keys]``."""
     folder = shipped_dir() / method_name

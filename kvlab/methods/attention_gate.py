@@ -690,12 +690,7 @@ class AttentionGate(Method):
     @classmethod
     def load(cls, path: str | Path, **overrides) -> "AttentionGate":
         """A method with the gate of artefact ``path`` and the options of its record (``overrides`` win)."""
-        tensors, record = artefacts.read(path, cls.name)
-        allowed = {f.name for f in dataclasses.fields(cls) if f.init and f.repr} - {"source"}
-        options = {k: v for k, v in record.get("options", {}).items() if k in allowed}
-        method = cls(**{**options, **overrides, "source": str(path)})
-        method._take(tensors, record, path)
-        return method
+        return artefacts.load_method(cls, path, **overrides)
 
     def _adopt(self, path: Path, model) -> None:
         tensors, record = artefacts.read(path, self.name)

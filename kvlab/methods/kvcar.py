@@ -223,7 +223,8 @@ class AutoencodedLayer(KVLayer):
             raise ValueError(f"layer {self.layer_idx}: autoencoders for head_dim {dim}, the model's keys/values have "
                              f"{self.head_dim}/{self.value_dim}")
 
-    _store_sinks = ProjectedLayer._store_sinks  # the same full-size sink copies as the projected cache
+    # the same full-size sink copies as the projected cache
+    _keep_sinks, _store_sinks = ProjectedLayer._keep_sinks, ProjectedLayer._store_sinks
 
     def _code(self, x: torch.Tensor, part: int) -> torch.Tensor:
         ae = self.autoencoders
@@ -240,20 +241,13 @@ class AutoencodedLayer(KVLayer):
     def _commit(self, position_ids: torch.Tensor | None, mask: torch.Tensor | None) -> None:
         keys, values = self._pending  # (B, H_kv, T_new, D)
         self._pending = None
-        batch, _, new, _ = keys.shape
+        new = keys.shape[-2]
         k_code, v_code = self._code(keys, 0), self._code(values, 1)
         if self.length:
             k_code, v_code = torch.cat([self.key_codes, k_code], dim=2), torch.cat([self.value_codes, v_code], dim=2)
         self.key_codes, self.value_codes = k_code, v_code
         if self.sinks:
-            if position_ids is None:
-                position_ids = torch.arange(self.length, self.length + new, device=keys.device)[None]
-            positions = position_ids.expand(batch, new)
-            if mask is not None:  # padding (a key no query sees, not even itself) is never a sink
-                steps = torch.arange(new, device=keys.device)
-                real = mask[:, 0, steps, self.length + steps]  # (B, T_new)
-                positions = positions.masked_fill(~real, self.sinks)
-            self._store_sinks(keys, values, positions)
+            self._keep_sinks(keys, values, position_ids, mask)
         self.length += new
 
     def reconstruct(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -811,12 +805,7 @@ class KVCAR(Method):
     @classmethod
     def load(cls, path: str | Path, **overrides) -> "KVCAR":
         """A method with the tensors of artefact ``path`` and the options of its record (``overrides`` win)."""
-        tensors, record = artefacts.read(path, cls.name)
-        allowed = {f.name for f in dataclasses.fields(cls) if f.init and f.repr} - {"source"}
-        options = {k: v for k, v in record.get("options", {}).items() if k in allowed}
-        method = cls(**{**options, **overrides, "source": str(path)})
-        method._take(tensors, record, path)
-        return method
+        return artefacts.load_method(cls, path, **overrides)
 
     def _adopt(self, path: Path, model) -> None:
         """Take the tensors of artefact ``path`` into this method (options stay as they are)."""

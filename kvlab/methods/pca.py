@@ -187,14 +187,7 @@ class PCA(Method):
     @classmethod
     def load(cls, path: str | Path, **overrides) -> "PCA":
         """A method with the tensors of artefact ``path`` and the options of its record (``overrides`` win)."""
-        import dataclasses
-
-        tensors, record = artefacts.read(path, cls.name)
-        allowed = {f.name for f in dataclasses.fields(cls) if f.init and f.repr} - {"source"}
-        options = {k: v for k, v in record.get("options", {}).items() if k in allowed}
-        method = cls(**{**options, **overrides, "source": str(path)})
-        method._take(tensors, record, path)
-        return method
+        return artefacts.load_method(cls, path, **overrides)
 
     def _adopt(self, path: Path, model) -> None:
         """Take the tensors of artefact ``path`` into this method (options stay as they are)."""

@@ -50,7 +50,7 @@ class ProjectedLayer(KVLayer):
     def _commit(self, position_ids: torch.Tensor | None, mask: torch.Tensor | None) -> None:
         keys, values = self._pending  # (B, H_kv, T_new, D)
         self._pending = None
-        batch, _, new, _ = keys.shape
+        new = keys.shape[-2]
         for h, (u, w) in enumerate(zip(self.key_bases, self.value_bases)):
             k_code = keys[:, h] @ u.to(keys.dtype)  # (B, T_new, r_h)
             v_code = values[:, h] @ w.to(values.dtype)
@@ -62,15 +62,20 @@ class ProjectedLayer(KVLayer):
                 self.key_codes.append(k_code)
                 self.value_codes.append(v_code)
         if self.sinks:
-            if position_ids is None:
-                position_ids = torch.arange(self.length, self.length + new, device=keys.device)[None]
-            positions = position_ids.expand(batch, new)
-            if mask is not None:  # padding (a key no query sees, not even itself) is never a sink
-                steps = torch.arange(new, device=keys.device)
-                real = mask[:, 0, steps, self.length + steps]  # (B, T_new)
-                positions = positions.masked_fill(~real, self.sinks)
-            self._store_sinks(keys, values, positions)
+            self._keep_sinks(keys, values, position_ids, mask)
         self.length += new
+
+    def _keep_sinks(self, keys, values, position_ids: torch.Tensor | None, mask: torch.Tensor | None) -> None:
+        """Full-rank copies of the new entries (B, H_kv, T_new, D) whose position is < sinks (padding never is)."""
+        batch, _, new, _ = keys.shape
+        if position_ids is None:
+            position_ids = torch.arange(self.length, self.length + new, device=keys.device)[None]
+        positions = position_ids.expand(batch, new)
+        if mask is not None:  # padding (a key no query sees, not even itself) is never a sink
+            steps = torch.arange(new, device=keys.device)
+            real = mask[:, 0, steps, self.length + steps]  # (B, T_new)
+            positions = positions.masked_fill(~real, self.sinks)
+        self._store_sinks(keys, values, positions)
 
     def _store_sinks(self, keys, values, positions):
         """Full-rank copies of the entries at positions < sinks: (B, H_kv, S, D) and their slots (B, S), S <= sinks."""
