@@ -129,7 +129,7 @@ def test_frame_and_persistence(tmp_path):
     assert len(frame) == 2 * 2 * 4 * 4 and set(frame.columns) == {"part", "head", "layer", "other", "cosine", "cka"}
     row = frame[(frame.part == "values") & (frame["head"] == 1) & (frame.layer == 3) & (frame.other == 0)]
     assert row["cka"].item() == sim.cka["values"][1, 3, 0].item()
-    again = LayerSimilarity.load(sim.save(tmp_path / "sim.pt"))
+    again = LayerSimilarity.load(sim.save(tmp_path / "sim.safetensors"))
     assert torch.equal(again.cka["keys"], sim.cka["keys"]) and again.skip_first == 4
     flat = LayerSimilarity.from_tensors(sim.tensors(), n_tokens=100)
     assert torch.equal(flat.cosine["values"], sim.cosine["values"])

@@ -191,6 +191,6 @@ def test_bad_arguments_raise():
 
 def test_save_and_load(tmp_path):
     spec = head_spectra(kvlab.tiny_model("llama"), _ids(2, 6), batch_size=2, skip_first=1)
-    back = Spectra.load(spec.save(tmp_path / "s.pt"))
+    back = Spectra.load(spec.save(tmp_path / "s.safetensors"))
     assert back.parts == spec.parts and back.skip_first == 1 and back.n_tokens == spec.n_tokens
     torch.testing.assert_close(back.eigenvectors["keys"], spec.eigenvectors["keys"])

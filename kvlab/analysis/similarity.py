@@ -236,14 +236,16 @@ class LayerSimilarity:
         return cls(tables["cosine"], tables["cka"], **{"n_tokens": 0, **fields_})
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({k: getattr(self, k) for k in self.__dataclass_fields__}, path)
-        return path
+        """Safetensors file with the tables; n_tokens, skip_first and seconds in its metadata."""
+        from .spectra import save_tables
+
+        return save_tables(self, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "LayerSimilarity":
-        return cls(**torch.load(path, weights_only=True))
+        from .spectra import load_tables
+
+        return load_tables(cls, path)
 
 
 # --------------------------------------------------------------------------------------------------------------

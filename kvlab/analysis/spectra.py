@@ -295,6 +295,44 @@ def _eigh_descending(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values, vectors * sign
 
 
+def save_tables(obj, path: str | Path) -> Path:
+    """Write a dataclass whose tensor fields are {part: tensor} dicts as safetensors ("field.part" keys), its other
+    fields as JSON in the file's metadata."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    values = {k: getattr(obj, k) for k in obj.__dataclass_fields__}
+    tensors = {f"{k}.{part}": t.contiguous() for k, v in values.items() if _is_table(v) for part, t in v.items()}
+    rest = {k: v for k, v in values.items() if not _is_table(v)}
+    save_file(tensors, str(path), metadata={"class": type(obj).__name__, "fields": json.dumps(rest)})
+    return path
+
+
+def load_tables(cls, path: str | Path):
+    """The ``cls`` instance :func:`save_tables` wrote to ``path``."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("class") != cls.__name__:
+        raise ValueError(f"{path} holds a {meta.get('class')!r}, not a {cls.__name__}")
+    fields_ = json.loads(meta["fields"])
+    for key, tensor in load_file(str(path)).items():
+        name, part = key.split(".", 1)
+        fields_.setdefault(name, {})[part] = tensor
+    return cls(**fields_)
+
+
+def _is_table(value) -> bool:
+    return isinstance(value, dict) and bool(value) and all(isinstance(t, torch.Tensor) for t in value.values())
+
+
 @dataclass
 class Spectra:
     """Per-part eigen-decompositions of the per-(layer, kv head) moments (see the module docstring).
@@ -428,14 +466,12 @@ class Spectra:
 
     # ---- persistence
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({k: getattr(self, k) for k in self.__dataclass_fields__}, path)
-        return path
+        """Safetensors file with the tables; options and seconds in its metadata."""
+        return save_tables(self, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "Spectra":
-        return cls(**torch.load(path, weights_only=True))
+        return load_tables(cls, path)
 
 
 def head_spectra(
