@@ -129,8 +129,9 @@ def cmd_fit(args) -> int:
     from . import methods
 
     fittable = sorted(n for n, cls in methods.REGISTRY.items() if hasattr(cls, "save"))
-    if args.method in methods.REGISTRY and args.method not in fittable:
-        raise UsageError(f"method {args.method!r} has nothing to fit; fittable methods: {', '.join(fittable)}")
+    if args.method not in fittable:
+        what = "has nothing to fit" if args.method in methods.REGISTRY else "is not a method"
+        raise UsageError(f"method {args.method!r} {what}; fittable methods: {', '.join(fittable)}")
     method = _method(args, **({"source": None} if "source" in _fields(method_cls := methods.REGISTRY[args.method])
                               else {}))
     if args.search and not hasattr(method_cls, "search"):
@@ -221,9 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the result JSON here")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("fit", help="fit a method (PCA bases, trained MatryoshkaKV) and save it as safetensors + JSON")
+    p = sub.add_parser("fit", help="fit a method (PCA bases, MatryoshkaKV, KV-CAR, reuse, Attention-Gate) and save it as safetensors + JSON")
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--method", required=True, help="pca or matryoshka")
+    p.add_argument("--method", required=True, help="a method with save(); a wrong name lists them")
     p.add_argument("--budget", type=float, default=None, help="the method's budget (ranks for schedule=fixed)")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
     p.add_argument("--search", action="store_true", help="also measure the rank sensitivity for allocation=searched")

@@ -17,6 +17,8 @@ from kvlab.cli import main, parse_options
     (["eval", "--method", "full"], "nothing to evaluate"),
     (["eval", "--ppl", "wiki", "--limit", "0"], "--limit must be a positive integer"),
     (["fit", "--method", "full", "--out", "x"], "method 'full' has nothing to fit; fittable methods: attention_gate, kvcar, matryoshka, pca, reuse"),
+    (["fit", "--method", "bogus", "--out", "x"], "method 'bogus' is not a method; fittable methods: attention_gate"),
+    (["eval", "--method", "bogus", "--ppl", "wiki"], "bogus"),
     (["fit", "--method", "reuse", "--search", "--out", "x"], "method 'reuse' has no rank search"),
     (["fit", "--method", "pca", "--out", "x.safetensors"], "--out is a directory"),
     (["fit", "--method", "pca", "--budget", "2", "--out", "x"], "--budget must be in (0, 1]"),
