@@ -565,13 +565,8 @@ class AttentionGate(Method):
         inference-time distillation loss and kept fraction are measured before and after (``metrics``)."""
         from .. import train
 
-        overrides = dict(steps=steps, lr=lr, batch_size=batch_size, sparsity_weight=sparsity_weight,
-                         kl_weight=kl_weight, ce_weight=ce_weight, seed=seed)
-        previous = {key: getattr(self, key) for key in overrides}
-        for key, value in overrides.items():
-            if value is not None:
-                setattr(self, key, value)
-        try:
+        with self.overridden(steps=steps, lr=lr, batch_size=batch_size, sparsity_weight=sparsity_weight,
+                             kl_weight=kl_weight, ce_weight=ce_weight, seed=seed):
             self._check_training_options()
             if isinstance(self.sparsity_weight, bool) or not self.sparsity_weight >= 0:
                 raise ValueError(f"sparsity_weight must be a number >= 0, got {self.sparsity_weight!r}")
@@ -581,10 +576,6 @@ class AttentionGate(Method):
             data = train.check_tokens(data, "train_data")
             if self.batch_size > data.shape[0]:
                 raise ValueError(f"batch_size={self.batch_size} but train_data has only {data.shape[0]} rows")
-        except ValueError:
-            for key, value in previous.items():
-                setattr(self, key, value)
-            raise
         self.init_gate(model)
         if eval_data is not None:
             self.metrics.setdefault("eval_before", self.evaluate(model, eval_data))

@@ -60,6 +60,22 @@ class Method:
         with attention.attach(model):
             yield
 
+    @contextmanager
+    def overridden(self, **overrides) -> Iterator[None]:
+        """Set the fields given (None = leave as is) for good: ``fit(steps=...)`` updates the method. If the block
+        raises ValueError (a bad option found while checking), every field is restored first, so bad input leaves
+        the method as it was."""
+        previous = {key: getattr(self, key) for key in overrides}
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(self, key, value)
+        try:
+            yield
+        except ValueError:
+            for key, value in previous.items():
+                setattr(self, key, value)
+            raise
+
     def options(self) -> dict:
         """The user-facing options (fields shown in repr; fitted tensors and tables are not options)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.repr}

@@ -527,13 +527,8 @@ class KVCAR(Method):
         ``eval_data`` the distillation loss is measured before and after (``metrics``)."""
         from .. import train
 
-        overrides = dict(steps=steps, recon_steps=recon_steps, lr=lr, batch_size=batch_size, seed=seed)
-        previous = {key: getattr(self, key) for key in overrides}
-        for key, value in overrides.items():
-            if value is not None:
-                setattr(self, key, value)
         spec = ModelSpec.from_model(model)
-        try:
+        with self.overridden(steps=steps, recon_steps=recon_steps, lr=lr, batch_size=batch_size, seed=seed):
             self._check_options()
             calib = train.check_tokens(calib, "calib")
             train_data = train.check_tokens(train_data if train_data is not None else calib, "train_data")
@@ -542,10 +537,6 @@ class KVCAR(Method):
             if calib.shape[1] <= self.sinks:
                 raise ValueError(f"calib chunks of {calib.shape[1]} tokens leave nothing after the {self.sinks} sinks")
             fit_layers, d = self._fit_layers(spec)  # clear budget errors before any work
-        except ValueError:
-            for key, value in previous.items():
-                setattr(self, key, value)
-            raise
         if not fit_layers:
             self.provenance["note"] = "budget 1 with layers=None compresses no layer: nothing to fit"
             return self

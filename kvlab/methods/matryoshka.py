@@ -243,22 +243,13 @@ class MatryoshkaKV(PCA):
         method's own ranks is measured before and after (``metrics``)."""
         from .. import train
 
-        overrides = dict(steps=steps, schedule=schedule, train_ranks=ranks, lr=lr, batch_size=batch_size,
-                         kl_weight=kl_weight, ce_weight=ce_weight, seed=seed)
-        previous = {key: getattr(self, key) for key in overrides}
-        for key, value in overrides.items():
-            if value is not None:
-                setattr(self, key, value)
-        try:
+        with self.overridden(steps=steps, schedule=schedule, train_ranks=ranks, lr=lr, batch_size=batch_size,
+                             kl_weight=kl_weight, ce_weight=ce_weight, seed=seed):
             self._check_training_options()
             train_data = train.check_tokens(train_data if train_data is not None else calib, "train_data")
             if self.batch_size > train_data.shape[0]:
                 raise ValueError(f"batch_size={self.batch_size} but train_data has only {train_data.shape[0]} rows")
             self.rank_set(ModelSpec.from_model(model).head_dim)  # clear error before any work
-        except ValueError:
-            for key, value in previous.items():
-                setattr(self, key, value)
-            raise
         if not self.fitted:
             tic = time.perf_counter()
             PCA.fit(self, model, calib)
