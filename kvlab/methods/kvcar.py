@@ -73,11 +73,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import attention
-from ..cache import FullLayer, KVLabCache, KVLayer
+from ..cache import FullLayer, KVLabCache
 from ..models import ModelSpec
 from . import artefacts
 from .base import Method
-from .projection import ProjectedLayer
+from .coded import CodedLayer
 
 ARCHS = ("linear", "mlp")
 INITS = ("pca", "random")
@@ -197,21 +197,17 @@ class Autoencoders(torch.nn.Module):
         return module
 
 
-class AutoencodedLayer(KVLayer):
+class AutoencodedLayer(CodedLayer):
     """A cache layer storing codes (B, H_kv, T, d) of its keys and values; attention reads the decoded (B, H_kv,
-    T, D). The first ``sinks`` positions are also kept uncompressed (handled exactly as in ProjectedLayer)."""
+    T, D). The first ``sinks`` positions are also kept uncompressed (:class:`~kvlab.methods.coded.CodedLayer`)."""
 
     def __init__(self, layer_idx: int, autoencoders: Autoencoders, sinks: int = 0):
-        super().__init__(layer_idx)
+        super().__init__(layer_idx, sinks)
         if layer_idx not in autoencoders.slot:
             raise ValueError(f"no autoencoder for layer {layer_idx}; it has layers {autoencoders.layers}")
-        self.autoencoders, self.sinks = autoencoders, int(sinks)
+        self.autoencoders = autoencoders
         self.code_dim = autoencoders.code_dim
         self.key_codes = self.value_codes = None  # (B, H_kv, T, d)
-        self.sink_keys = self.sink_values = None  # (B, H_kv, S, D): entries at positions < sinks
-        self.sink_slots = None  # (B, S)
-        self._pending = None
-        self.length = 0
 
     def reset(self) -> None:
         self.__init__(self.layer_idx, self.autoencoders, self.sinks)
@@ -223,9 +219,6 @@ class AutoencodedLayer(KVLayer):
             raise ValueError(f"layer {self.layer_idx}: autoencoders for head_dim {dim}, the model's keys/values have "
                              f"{self.head_dim}/{self.value_dim}")
 
-    # the same full-size sink copies as the projected cache
-    _keep_sinks, _store_sinks = ProjectedLayer._keep_sinks, ProjectedLayer._store_sinks
-
     def _code(self, x: torch.Tensor, part: int) -> torch.Tensor:
         ae = self.autoencoders
         return ae.encode(x.to(ae.shift.dtype), ae.group(self.layer_idx, part)).to(x.dtype)  # (B, H_kv, T, d)
@@ -234,65 +227,26 @@ class AutoencodedLayer(KVLayer):
         ae = self.autoencoders
         return ae.decode(code.to(ae.shift.dtype), ae.group(self.layer_idx, part)).to(code.dtype)  # (B, H_kv, T, D)
 
-    def _store(self, key_states, value_states):
-        self._pending = (key_states, value_states)
-        return key_states, value_states  # plain readers would see uncompressed new entries; kvlab attention won't
-
-    def _commit(self, position_ids: torch.Tensor | None, mask: torch.Tensor | None) -> None:
-        keys, values = self._pending  # (B, H_kv, T_new, D)
-        self._pending = None
-        new = keys.shape[-2]
+    def _append_codes(self, keys, values) -> None:
         k_code, v_code = self._code(keys, 0), self._code(values, 1)
         if self.length:
             k_code, v_code = torch.cat([self.key_codes, k_code], dim=2), torch.cat([self.value_codes, v_code], dim=2)
         self.key_codes, self.value_codes = k_code, v_code
-        if self.sinks:
-            self._keep_sinks(keys, values, position_ids, mask)
-        self.length += new
 
-    def reconstruct(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """K_hat, V_hat (B, H_kv, T, D) decoded from the codes, sinks restored uncompressed."""
+    def _decode_all(self):
         keys, values = self._decoded(self.key_codes, 0), self._decoded(self.value_codes, 1)
-        if self.sink_slots is not None:
-            rows, which = (self.sink_slots >= 0).nonzero(as_tuple=True)
-            if len(rows):
-                slots = self.sink_slots[rows, which]
-                keys, values = keys.clone(), values.clone()  # decoded tensors may be part of an autograd graph
-                keys[rows, :, slots] = self.sink_keys[rows, :, which]
-                values[rows, :, slots] = self.sink_values[rows, :, which]
+        if self.sink_slots is not None:  # sinks are written in place; decoded tensors may be saved for backward
+            keys, values = keys.clone(), values.clone()
         return keys, values
 
-    def attend(self, query, key, value, mask, *, scaling, position_ids=None, **kwargs):
-        if self._pending is not None:
-            self._commit(position_ids, mask)
-        keys, values = self.reconstruct()
-        return attention.sdpa(query, keys, values, mask, scaling)
+    def code_tensors(self):
+        return [t for t in (self.key_codes, self.value_codes) if t is not None]
 
-    def get_seq_length(self) -> int:
-        return self.length + (self._pending[0].shape[-2] if self._pending is not None else 0)
+    def dims_kept(self, part: str, head: int) -> int:
+        return self.code_dim
 
-    def tensors(self):
-        return [t for t in (self.key_codes, self.value_codes, self.sink_keys, self.sink_values, self.sink_slots)
-                if t is not None]
-
-    def accounting(self):
-        rows = []
-        n_sink = int((self.sink_slots >= 0).sum()) if self.sink_slots is not None else 0  # over the batch
-        for part, dim in (("K", self.head_dim), ("V", self.value_dim)):
-            for head in range(self.n_heads):
-                theoretical = self.batch_size * self.length * self.code_dim + n_sink * dim  # codes + sink copies
-                rows.append(dict(head=head, part=part, full=self.full_bytes_per_head(part),
-                                 theoretical=theoretical * self.element_size, tokens_seen=self.seen,
-                                 tokens_kept=self.length, dims_full=dim, dims_kept=self.code_dim))
-        return rows
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.key_codes is not None:
-            self.key_codes, self.value_codes = self.key_codes[indices], self.value_codes[indices]
-        if self.sink_slots is not None:
-            self.sink_keys, self.sink_values = self.sink_keys[indices], self.sink_values[indices]
-            self.sink_slots = self.sink_slots[indices]
-        self.batch_size = len(indices)
+    def _select_codes(self, indices) -> None:
+        self.key_codes, self.value_codes = self.key_codes[indices], self.value_codes[indices]
 
 
 @dataclass(eq=False)
