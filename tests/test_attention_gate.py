@@ -328,6 +328,18 @@ def test_save_load_round_trip_and_shipped_lookup(tmp_path, monkeypatch):
         AttentionGate.load(path).new_cache(kvlab.tiny_model("llama"))
 
 
+def test_an_artefact_given_by_path_brings_its_fit_options(tmp_path):
+    model = kvlab.tiny_model("gpt2")
+    method = AttentionGate(0.4, hidden=8, local=3, steps=1, batch_size=2, source=None)
+    method.fit(model, torch.randint(3, 97, (2, 12)), progress=False)
+    path = method.save(tmp_path / "gate.safetensors", model=model)
+    by_path = AttentionGate(0.4, source=str(path)).prepare(model, None)  # defaults: hidden=0, local=1
+    assert (by_path.local, by_path.hidden) == (3, 8)
+    with pytest.raises(ValueError, match=r"fitted with local=3 \(asked: 5\)"):
+        AttentionGate(0.4, local=5, source=str(path)).prepare(model, None)
+    assert AttentionGate.load(path, local=5).local == 5  # overriding on purpose
+
+
 # ---------------------------------------------------------------------------------------------- errors
 
 

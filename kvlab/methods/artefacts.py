@@ -123,6 +123,35 @@ def load_method(cls, path: str | Path, **overrides):
     return method
 
 
+def adopt_fit_options(method, path, record: dict, keys: tuple[str, ...]) -> dict:
+    """Give ``method`` the record's values of its fit options ``keys`` (tensors fitted under other options, e.g. a
+    gate trained with local=16 read with local=1, would silently mean something else). An option still at its
+    class default takes the record's value; one the user set to a different value is a conflict and raises.
+    Returns the options taken, {name: value}."""
+    import dataclasses
+
+    have = record.get("options", {})
+    defaults = {f.name: f.default for f in dataclasses.fields(method) if f.default is not dataclasses.MISSING}
+    taken, conflicts = {}, {}
+    for key in keys:
+        if key not in have:
+            continue
+        current = jsonable_options({key: getattr(method, key)})[key]
+        if current == have[key]:
+            continue
+        if key in defaults and current == jsonable_options({key: defaults[key]})[key]:
+            taken[key] = have[key]
+        else:
+            conflicts[key] = (have[key], current)
+    if conflicts:
+        listed = ", ".join(f"{k}={a!r} (asked: {b!r})" for k, (a, b) in conflicts.items())
+        raise ValueError(f"{path} was fitted with {listed}: leave these options out to use the artefact's, or load it "
+                         "with <Method>.load(path, **options) to override them on purpose")
+    for key, value in taken.items():
+        setattr(method, key, value)
+    return taken
+
+
 def find_shipped(method_name: str, model, options: dict, keys: tuple[str, ...]) -> Path | None:
     """The artefact under ``data/<method_name>/`` made for ``model`` with the same values of ``options[keys]``."""
     folder = shipped_dir() / method_name

@@ -685,6 +685,7 @@ class AttentionGate(Method):
 
     def _adopt(self, path: Path, model) -> None:
         tensors, record = artefacts.read(path, self.name)
+        artefacts.adopt_fit_options(self, path, record, self.FIT_OPTIONS)
         self._take(tensors, record, path)
         self._check_gate(ModelSpec.from_model(model))
 

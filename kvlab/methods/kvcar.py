@@ -753,8 +753,9 @@ class KVCAR(Method):
         return artefacts.load_method(cls, path, **overrides)
 
     def _adopt(self, path: Path, model) -> None:
-        """Take the tensors of artefact ``path`` into this method (options stay as they are)."""
+        """Take the tensors of artefact ``path`` and its fit options into this method."""
         tensors, record = artefacts.read(path, self.name)
+        artefacts.adopt_fit_options(self, path, record, self.FIT_OPTIONS)
         self._take(tensors, record, path)
         spec = ModelSpec.from_model(model)
         ae = self.autoencoders

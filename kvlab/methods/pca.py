@@ -190,8 +190,9 @@ class PCA(Method):
         return artefacts.load_method(cls, path, **overrides)
 
     def _adopt(self, path: Path, model) -> None:
-        """Take the tensors of artefact ``path`` into this method (options stay as they are)."""
+        """Take the tensors of artefact ``path`` and its fit options into this method."""
         tensors, record = artefacts.read(path, self.name)
+        artefacts.adopt_fit_options(self, path, record, self.FIT_OPTIONS)
         spec = ModelSpec.from_model(model)
         want = (spec.n_layers, spec.n_kv_heads, spec.head_dim, spec.head_dim)
         if tuple(tensors["key_bases"].shape) != want:
