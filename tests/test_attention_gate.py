@@ -23,6 +23,7 @@ def _forward(model, ids, mask, pos, cache=None):
 
 
 def _gate(model, budget=0.5, seed=0, **options):
+    options.setdefault("local", 1)  # exact kept counts: no local window unless a test asks for one
     return AttentionGate(budget, **options).init_gate(model, seed=seed)
 
 
@@ -333,7 +334,7 @@ def test_an_artefact_given_by_path_brings_its_fit_options(tmp_path):
     method = AttentionGate(0.4, hidden=8, local=3, steps=1, batch_size=2, source=None)
     method.fit(model, torch.randint(3, 97, (2, 12)), progress=False)
     path = method.save(tmp_path / "gate.safetensors", model=model)
-    by_path = AttentionGate(0.4, source=str(path)).prepare(model, None)  # defaults: hidden=0, local=1
+    by_path = AttentionGate(0.4, source=str(path)).prepare(model, None)  # defaults: hidden=0, local=16
     assert (by_path.local, by_path.hidden) == (3, 8)
     with pytest.raises(ValueError, match=r"fitted with local=3 \(asked: 5\)"):
         AttentionGate(0.4, local=5, source=str(path)).prepare(model, None)

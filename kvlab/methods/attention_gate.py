@@ -354,7 +354,7 @@ class AttentionGate(Method):
     budget: float = 0.5
     selection: str = "topk"  # "topk" (exactly budget of the prefill per head) or "threshold" (score > 0)
     sinks: int = 4  # first real tokens of a row, always kept (counted in the budget)
-    local: int = 1  # a query always sees the keys of its last `local` columns (1: itself)
+    local: int = 16  # a query always sees the keys of its last `local` columns (1: itself only)
     hidden: int = 0  # gate MLP width; 0 = one linear layer per layer
     target: float | None = None  # training keep-rate target; None = budget
     sparsity_weight: float = 100.0
