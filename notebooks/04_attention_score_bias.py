@@ -200,7 +200,8 @@ _ = savefig(fig, "kept_map_scores")
 # handful of steps on tiny data, so its numbers say little about the method). The table says which was used.
 # The training curve's keep rate is that of the training rule (flag iff score > 0); at inference the gate flags the
 # top `budget` of every chunk per kv head (`selection="topk"`), so its kept fraction is the budget whatever the gate
-# learned to keep in training.
+# learned to keep in training, plus at most `local` − 1 unflagged recent tokens (the local window the next query still
+# sees; the shipped gate is trained with `local` = 16).
 
 # %%
 tic = time.perf_counter()
@@ -219,7 +220,7 @@ for b in BUDGETS:
     gate_origin[b] = {"source": "shipped artefact" if shipped else ("trained here" if GATE_SOURCE in ("shipped", None)
                                                                      else "artefact"),
                       "path": gate.provenance.get("loaded_from", "-"), "steps": gate.trained_steps,
-                      "tokens": gate.trained_tokens, "target keep rate": gate.train_target,
+                      "tokens": gate.trained_tokens, "target keep rate": gate.train_target, "local": gate.local,
                       "seconds here": round(time.perf_counter() - t0, 1),
                       "train seconds": round(sum(r.get("seconds", 0.0) for r in gate.provenance.get("runs", [])), 1)}
 seconds["gate"] = time.perf_counter() - tic

@@ -182,16 +182,20 @@ def check_04_attention_score_bias(results: dict) -> None:
     for name in methods:
         for b in budgets:
             measured, theoretical = ppl["measured"][name][b], ppl["theoretical"][name][b]
-            assert theoretical <= measured <= theoretical * 1.01  # int16 column index on top of the kept entries
+            # int16 column index on top of the kept entries; the gate's heads keep different counts (its local
+            # window holds unflagged tokens in some heads only), which leaves empty slots in its dense storage
+            slack = 1.03 if name == "attention_gate" else 1.01
+            assert theoretical <= measured <= theoretical * slack, (name, b)
             assert ppl["ratio"][name][b] >= 0.99
     for b in budgets:
         # eviction of the context only: round(b x 384) context tokens + the 127 continuation tokens fed, of 511 seen
         for name in eviction:
             assert ppl["theoretical"][name][b] == pytest.approx((round(float(b) * 384) + 127) / 511, abs=1e-9)
             assert ppl["measured"][name][b] > float(b) + 0.1  # well above nominal: the continuation is all kept
-        # Attention-Gate evicts the continuation too: its measured budget is the nominal one
-        assert abs(ppl["measured"]["attention_gate"][b] - float(b)) <= 0.01
-        assert abs(ppl["gate_throughout_measured"][b] - float(b)) <= 0.01
+        # Attention-Gate evicts the continuation too: its measured budget is the nominal one plus its local window
+        window = (gate[b]["local"] - 1) / 511
+        assert float(b) - 0.005 <= ppl["measured"]["attention_gate"][b] <= float(b) + window + 0.01
+        assert float(b) - 0.005 <= ppl["gate_throughout_measured"][b] <= float(b) + window + 0.01
         assert ppl["gate_throughout_ratio"][b] >= 0.99
         # measured on SmolLM2 (quick): H2O beats the plain window at equal budget
         assert ppl["ratio"]["h2o"][b] < ppl["ratio"]["streaming"][b]
@@ -209,8 +213,9 @@ def check_04_attention_score_bias(results: dict) -> None:
     assert results["needle"] is None  # QUICK skips the needle
     maps = results["kept_maps"]
     assert maps["shape"] == [30, 3, 384] and maps["budget"] == 0.2 and maps["layer"] == 15
-    for name, fraction in maps["kept_fraction"].items():
-        assert fraction == pytest.approx(round(0.2 * 384) / 384)  # every method keeps exactly the budget per head
+    for name, fraction in maps["kept_fraction"].items():  # every method keeps exactly the budget per head ...
+        extra = gate["0.2"]["local"] - 1 if name == "attention_gate" else 0  # ... the gate also its local window
+        assert round(0.2 * 384) / 384 - 1e-9 <= fraction <= (round(0.2 * 384) + extra) / 384 + 1e-9
     shares = maps["decile_share"]
     assert all(sum(s) == pytest.approx(1.0) for s in shares.values())
     assert all(v == 0.0 for v in shares["StreamingLLM"][1:8])  # sinks + a recent window: nothing in the middle
