@@ -2,7 +2,8 @@
 
 * ``full``: bytes an uncompressed cache would hold for the same tokens (B x H_kv x tokens x head_dim x 2 x dtype).
 * ``theoretical``: bytes of the entries the method keeps, counted exactly (no allocator slack, no padding).
-* ``measured``: the storage of the tensors the cache holds (each storage counted once), i.e. real memory.
+* ``measured``: the storage of the tensors the cache holds (each storage counted once), i.e. real memory; a layer
+  that defines ``measured_bytes()`` (a paged layer: its blocks in use in a shared pool) reports it itself.
 
 The budget of a method is ``measured / full``; rows per (layer, head, K/V) carry the tokens and features kept, so the
 saving can be read per axis (token axis: tokens_kept / tokens_seen; feature axis: dims_kept / dims_full).
@@ -79,7 +80,9 @@ def kv_bytes(cache) -> KVBytes:
             continue
         frame = pd.DataFrame(rows)
         frame.insert(0, "layer", layer_idx)
-        measured = storage_bytes(tensors)
+        # A layer that shares storage with others (a paged layer's blocks in a pool) states its own share.
+        own = getattr(layer, "measured_bytes", None)
+        measured = own() if callable(own) else storage_bytes(tensors)
         # A layer's storage is attributed to its rows in proportion to their theoretical bytes.
         weights = frame["theoretical"] / frame["theoretical"].sum() if frame["theoretical"].sum() else 1 / len(frame)
         frame["measured"] = weights * measured

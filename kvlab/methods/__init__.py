@@ -10,11 +10,13 @@ from .base import Full, Method, NoCompression
 from .matryoshka import MatryoshkaKV
 from .pca import PCA
 from .kvcar import KVCAR
+from .kvcompress import KVCompress
 from .reuse import Reuse
 from .token_methods import H2O, SnapKV, Streaming
 
 REGISTRY: dict[str, type[Method]] = {
-    cls.name: cls for cls in (NoCompression, Full, PCA, MatryoshkaKV, KVCAR, Reuse, KVCARReuse, Streaming, H2O, SnapKV, AttentionGate)
+    cls.name: cls for cls in (NoCompression, Full, PCA, MatryoshkaKV, KVCAR, Reuse, KVCARReuse, Streaming, H2O, SnapKV,
+                              KVCompress, AttentionGate)
 }
 
 
@@ -34,5 +36,5 @@ def get(name: str, budget: float | None = None, **options) -> Method:
     return cls(**options)
 
 
-__all__ = ["Method", "NoCompression", "Full", "PCA", "MatryoshkaKV", "KVCAR", "Reuse", "KVCARReuse", "Streaming", "H2O", "SnapKV", "AttentionGate", "REGISTRY",
-           "get"]
+__all__ = ["Method", "NoCompression", "Full", "PCA", "MatryoshkaKV", "KVCAR", "Reuse", "KVCARReuse", "Streaming", "H2O",
+           "SnapKV", "KVCompress", "AttentionGate", "REGISTRY", "get"]

@@ -58,8 +58,13 @@ class TokenEviction(Method):
         ``attention_mask`` (B, tokens seen), if given, is checked against what the cache saw; ``model``,
         ``position_ids`` and ``setting`` (query-aware or agnostic) are accepted and not needed.
         """
+        for layer in self._check_cache(cache, attention_mask):
+            layer.compress()
+
+    def _check_cache(self, cache, attention_mask: torch.Tensor | None, kind: type = EvictionLayer) -> list:
+        """The layers of ``cache`` if it was built and filled by this method (and matches ``attention_mask``)."""
         layers = list(getattr(cache, "layers", []))
-        if not layers or not all(isinstance(layer, EvictionLayer) for layer in layers):
+        if not layers or not all(isinstance(layer, kind) for layer in layers):
             kinds = sorted({type(layer).__name__ for layer in layers}) or ["none"]
             raise ValueError(f"{self.name}.compress needs a cache from {self.name}.new_cache/apply (eviction layers), "
                              f"got layers {kinds}")
@@ -67,7 +72,7 @@ class TokenEviction(Method):
             if layer.policy != self:
                 raise ValueError(f"layer {layer.layer_idx} was built by {layer.policy!r}, not by {self!r}: compress a "
                                  "cache with the method that created it")
-            if layer.keys is None:
+            if not layer.forwards:
                 raise RuntimeError(f"{self.name}.compress: the cache is empty; run the prefill through it first")
         if attention_mask is not None:
             first = layers[0]
@@ -78,8 +83,7 @@ class TokenEviction(Method):
             if not torch.equal(real, first.real_seen):
                 raise ValueError(f"attention_mask counts {real.tolist()} real tokens per row but the cache saw "
                                  f"{first.real_seen.tolist()}")
-        for layer in layers:
-            layer.compress()
+        return layers
 
 
 @dataclass
