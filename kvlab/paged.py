@@ -34,19 +34,10 @@ import torch
 from . import attention
 from .budget import storage_bytes
 from .cache import KVLabCache, KVLayer
+from .kernels import dispatch
 from .methods.eviction import RECORDS, EvictionLayer, EvictionPolicy
 
 MIN_BLOCKS = 16  # first reservation of a pool, in blocks
-
-
-def _decode_kernel():
-    """The paged decode attention: the dispatcher of kvlab.kernels.paged_attention if it has one, else the reference."""
-    from .kernels import paged_attention
-
-    fn = getattr(paged_attention, "paged_decode_attention", None)
-    if fn is None:
-        from .kernels.paged_attention.reference import paged_decode_attention as fn
-    return fn
 
 
 class BlockPool:
@@ -354,7 +345,7 @@ class PagedLayer(EvictionLayer):
             visible = self._slot_mask_at(mask, index, per_head=True)[:, :, 0]  # (B, H_kv, C)
             held = torch.arange(index.shape[-1], device=index.device) < self.lengths[..., None]
             if bool((visible | ~held).all()):  # every held token is visible: read through the block tables
-                out = _decode_kernel()(query[:, :, 0], self.pool.keys, self.pool.values, self.block_tables,
+                out = dispatch.paged_decode_attention(query[:, :, 0], self.pool.keys, self.pool.values, self.block_tables,
                                        self.lengths, scaling)  # (B, H, Dv)
                 out = out[:, None]  # (B, 1, H, Dv)
                 self.kernel_decodes += 1
