@@ -1,4 +1,4 @@
-"""The ``kvlab`` command line: fetch, info, eval, fit, report. Bad input -> a message on stderr and exit code 2."""
+"""The ``kvlab`` command line: fetch, info, eval, fit, bench, report. Bad input -> a message on stderr and exit code 2."""
 
 from __future__ import annotations
 
@@ -178,6 +178,67 @@ def _bundled():
     return BUNDLED
 
 
+def _ints(csv: str, what: str) -> list[int]:
+    try:
+        values = [int(x) for x in _split(csv)]
+    except ValueError:
+        raise UsageError(f"{what} takes comma-separated integers, got {csv!r}") from None
+    if not values:
+        raise UsageError(f"{what} is empty")
+    return values
+
+
+def cmd_bench_decode(args) -> int:
+    from . import methods as registry
+
+    contexts = _ints(args.contexts, "--contexts")
+    if any(c < 2 for c in contexts):
+        raise UsageError(f"--contexts must be token counts >= 2, got {contexts}")
+    names = _split(args.methods)
+    bad = [n for n in names if n not in registry.REGISTRY]
+    if bad or not names:
+        raise UsageError(f"unknown method(s) {bad or names}; choose from {', '.join(sorted(registry.REGISTRY))}")
+    if len(set(names)) != len(names):
+        raise UsageError(f"--methods lists a method twice: {names}")
+    if not 0 < args.budget <= 1:
+        raise UsageError(f"--budget must be in (0, 1] (fraction of the full cache's bytes), got {args.budget}")
+    for what, value in (("--new-tokens", args.new_tokens), ("--repeats", args.repeats)):
+        if value < 1:
+            raise UsageError(f"{what} must be a positive integer, got {value}")
+    built = []
+    for name in names:  # check options before loading the model
+        try:
+            built.append(registry.get(name, None if name in ("none", "full") else args.budget))
+        except (ValueError, TypeError) as e:
+            raise UsageError(str(e)) from e
+
+    from . import bench, models
+
+    try:
+        model, tokenizer = models.load_model(args.model)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    try:
+        table = bench.decode_speed(model, tokenizer, built, contexts, budget=args.budget, new_tokens=args.new_tokens,
+                                   repeats=args.repeats, progress=not args.no_progress)
+    except ValueError as e:  # e.g. a context longer than the corpus' eval split
+        raise UsageError(str(e)) from e
+    name = args.model if args.model in _bundled() else Path(args.model).name
+    csv = bench.results_path(name, args.budget, contexts, args.new_tokens, args.out)
+    csv.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(csv, index=False)
+    if args.json:
+        record = {"conditions": bench.conditions(name), "rows": table.to_dict(orient="records")}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", None):
+        print(table.round(3).to_string(index=False))
+    print(f"written: {csv}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report import ReportError, build_report, repo_root
 
@@ -232,6 +293,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory; writes DIR/<model>.safetensors and DIR/<model>.json")
     p.set_defaults(func=cmd_fit)
 
+    p = sub.add_parser("bench", help="benchmarks (decode: CPU decode speed of each method's cache)")
+    bench = p.add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("decode", help="tokens/s of greedy decoding after a prefill, ratio to 'none', bytes bound")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--contexts", default="512,4096", help="comma-separated context lengths (tokens of wiki text)")
+    p.add_argument("--methods", default="none,full,streaming,pca",
+                   help="comma-separated methods; 'none' (the plain model, every ratio's baseline) is added if missing")
+    p.add_argument("--budget", type=float, default=0.5, help="budget of the compressing methods, in (0, 1]")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens decoded (timed) per run")
+    p.add_argument("--repeats", type=int, default=3, help="runs per method, interleaved; medians are reported")
+    p.add_argument("--out", default=None, help="folder of the CSV (default data/results/decode/)")
+    p.add_argument("--json", help="also write the rows and the conditions here")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.set_defaults(func=cmd_bench_decode)
+
     p = sub.add_parser("report", help="execute every notebook and write reports/index.html")
     p.add_argument("--quick", action="store_true", help="notebooks in QUICK mode")
     p.set_defaults(func=cmd_report)
@@ -243,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UsageError as e:
-        print(f"kvlab {args.command}: error: {e}", file=sys.stderr)
+        command = " ".join(filter(None, (args.command, getattr(args, "bench", None))))
+        print(f"kvlab {command}: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -396,3 +396,13 @@ def test_bytes_model_errors_name_the_op_and_its_arguments():
     with pytest.raises(ValueError, match="tokens must be an int or 2 per-kv-head counts"):
         bytes_model.bytes_moved("paged_attention", batch=1, heads=2, kv_heads=2, head_dim=4, tokens=[3],
                                 block_size=4)
+
+
+# ------------------------------------------------------------------------------------------ correctness summary
+def test_correctness_summary_of_the_references():
+    from kvlab.kernels import check
+
+    rows = check.correctness(gpu=False)  # what notebook 06 shows
+    assert {r["op"] for r in rows} == {"projected_attention", "paged_attention", "project_append"}
+    assert all(r["max_abs_error"] < 1e-5 and r["implementation"] == "torch reference (CPU)" for r in rows)
+    assert check.projected_layer_decode_error("llama", sinks=2) < 1e-5
