@@ -27,18 +27,18 @@
 QUICK = False
 MODEL = "smollm2"
 METHODS = ("streaming", "h2o", "snapkv", "attention_gate")
-BUDGETS = (0.9, 0.5, 0.2, 0.1)  # nominal fraction of the context's tokens (= bytes) kept
+BUDGETS = (0.5, 0.2, 0.1)  # nominal fraction of the context's tokens (= bytes) kept
 BIAS_CHUNKS = 4  # wiki eval sequences of BIAS_LEN tokens for the bias analysis
 BIAS_LEN = 2048
 BIAS_CONTEXT = 1792  # context tokens; the next BIAS_LEN - BIAS_CONTEXT queries are the oracle
 SKIP_FIRST = 4  # positions left out of the bias metrics (the attention sinks dominate every score)
 MAP_BUDGET = 0.2  # budget of the decile shares and kept-token maps
 MAP_LAYER = 15  # layer shown in the kept-token maps
-PPL_CHUNKS = 8  # wiki eval chunks of PPL_LEN tokens for the "compress the context, then continue" perplexity
+PPL_CHUNKS = 6  # wiki eval chunks of PPL_LEN tokens for the "compress the context, then continue" perplexity
 PPL_LEN = 2048
 CONTEXT_FRAC = 0.75  # share of each chunk prefilled and compressed; the rest is the scored continuation
 TASKS = ("arc_easy", "winogrande")  # zero-shot tasks (lm-eval acc / acc_norm)
-TASK_LIMIT = 200  # items per task (seeded subset)
+TASK_LIMIT = 100  # items per task (seeded subset)
 NEEDLE_N = 4  # needle items at NEEDLE_LEN tokens (0: skip); one budget, one setting
 NEEDLE_LEN = 2048
 NEEDLE_BUDGET = 0.5

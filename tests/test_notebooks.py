@@ -228,9 +228,107 @@ def check_04_attention_score_bias(results: dict) -> None:
     assert results["key_figure"] == "spearman_by_head.png"
 
 
+def check_05_paged_eviction(results: dict) -> None:
+    methods = ("kvcompress", "h2o", "snapkv", "streaming")
+    assert results["quick"] is True and results["methods"] == list(methods)
+    blocks = results["blocks"]
+    assert (blocks["context_len"], blocks["rate"], blocks["block_size"]) == (512, 8, 16)
+    kept = [c for row in blocks["kept"] for c in row]
+    assert len(blocks["kept"]) == 30 and len(kept) == 90
+    # one global budget: the heads keep different counts, in whole blocks, summing to the budget within half a block
+    assert blocks["distinct_counts"] > 1 and blocks["kept_min"] < blocks["kept_max"]
+    assert all(c % 16 == 0 and 16 <= c <= 512 for c in kept)
+    assert abs(sum(kept) - round(512 * 90 / 8)) <= 8
+    # eviction frees whole blocks: 90 heads x 32 blocks after the prefill, ceil(kept / 16) per head after compress
+    assert blocks["blocks_before"] == 90 * 32
+    assert blocks["blocks_after"] == sum(-(-c // 16) for c in kept) == blocks["owned_after"]
+    assert blocks["blocks_after"] < blocks["blocks_before"] / 7
+    assert blocks["capacity_after"] == blocks["capacity_before"] >= blocks["blocks_before"]  # the pool keeps its size
+    assert abs(blocks["measured"] / blocks["theoretical"] - 1) <= 0.05
+    assert blocks["theoretical"] == sum(kept) * 2 * 64 * 4
+    mem = results["memory"]
+    rates = ("2", "8", "32")
+    assert mem["context_len"] == 512 and mem["rates"] == [2, 8, 32]
+    assert mem["full"] == 30 * 3 * 512 * 2 * 64 * 4 and mem["full_measured"] == mem["full"]
+    for m in methods:
+        for r in rates:
+            # measured within 5 % of theoretical at every rate (KV-Compress: blocks in use + block tables, the int32
+            # column index of each slot; dense caches: the int16 column index)
+            assert abs(mem["ratio"][m][r] - 1) <= 0.05, (m, r)
+            assert mem["measured"][m][r] >= mem["theoretical"][m][r]
+        assert mem["measured"][m]["2"] > mem["measured"][m]["8"] > mem["measured"][m]["32"]
+    for r in rates:
+        theoretical = mem["theoretical"]["kvcompress"][r]
+        assert abs(theoretical / mem["full"] - 1 / int(r)) <= 0.01  # the budget is met
+        assert mem["kvcompress_capacity"][r] >= mem["full"]  # one sequence: the prefill's reservation stays
+        assert mem["kvcompress_dense_padded"][r] >= theoretical - 1e-6
+    assert mem["max_abs_deviation"]["kvcompress"] <= 0.05
+    # variable per-head rates: stored densely (each layer padded to its longest head) they would cost more
+    assert mem["kvcompress_dense_padded"]["8"] > 1.05 * mem["theoretical"]["kvcompress"]["8"]
+    assert mem["kvcompress_head_min"]["8"] < mem["kvcompress_head_max"]["8"]
+    batch = results["max_batch"]
+    assert batch["full"] == batch["full_seqs"] == 8 and batch["budget_bytes"] == 8 * mem["full_measured"]
+    for m in methods:  # the largest batch grows with the compression rate, roughly 8 x rate
+        b = batch["by_method"][m]
+        assert 8 < b["2"] < b["8"] < b["32"]
+        assert all(0.9 * 8 * int(r) <= b[r] <= 8 * int(r) for r in rates)
+    admit = batch["admission"]  # measured: 9 sequences of 256 tokens at 8x in the pool of 2 full ones
+    assert admit["capacity_blocks"] == 2 * admit["prefill_blocks"] == 2 * 90 * 16
+    assert admit["admitted"] > admit["full_cache_fits"] == 2
+    assert abs(admit["admitted"] - admit["predicted_with_prefill_peak"]) <= 1
+    assert admit["admitted"] <= admit["predicted_steady_state"]
+    assert admit["pool_grew"] is True and admit["tried"] == admit["admitted"] + 1  # the next one was refused
+    used = admit["blocks_in_use"]
+    assert len(used) == admit["admitted"] and used == sorted(used) and used[-1] <= admit["capacity_blocks"]
+    quality = results["quality"]
+    assert quality["n"] == 1 and quality["context_len"] == 512 and quality["rates"] == [2, 8]
+    assert quality["settings"] == ["query_aware"]
+    assert quality["full"] == {"query_aware": 1.0}  # measured: the full cache finds the 512-token needle
+    for s in quality["settings"]:
+        assert quality["measured"][s]["full"]["1"] >= 1.0
+        for m in methods:
+            assert all(0.0 <= quality["acc"][s][m][r] <= 1.0 for r in ("2", "8"))
+            assert all(0.0 <= quality["digits"][s][m][r] <= 1.0 for r in ("2", "8"))
+            measured = quality["measured"][s][m]
+            # question and answer tokens are kept on top of the compressed context
+            assert 0.5 <= measured["2"] < 0.6 and 0.125 <= measured["8"] < 0.25 and measured["8"] < measured["2"]
+            assert measured["2"] >= quality["theoretical"][s][m]["2"]
+    claims = {c["claim"].split(" (")[0].split(":")[0]: c for c in results["claims"]}
+    assert len(claims) == 5 and all(c["n"] for c in claims.values())
+    assert claims["Paged eviction"]["holds here"] is True
+    assert results["key_figure"] == "memory_vs_rate.png"
+
+
+def check_06_kernels(results: dict) -> None:
+    assert results["quick"] is True and results["contexts"] == [128, 256] and results["new_tokens"] == 4
+    assert results["methods"] == ["none", "full", "streaming", "pca"] and results["budget"] == 0.5
+    rows = results["correctness"]
+    assert {r["op"] for r in rows} == {"projected_attention", "paged_attention", "project_append"}
+    assert all(r["max_abs_error"] < 1e-5 for r in rows) and results["max_reference_error"] < 1e-5
+    assert results["projected_decode_vs_reconstruct"] < 1e-5
+    if not results["gpu"]:  # say plainly that the Triton kernels were only checked in the interpreter
+        assert "No GPU was present" in results["triton_note"] and "tests/test_kernels.py" in results["triton_note"]
+        assert all(r["implementation"] == "torch reference (CPU)" for r in rows)
+    b = results["bytes_per_token"]  # SmolLM2, fp16: 30 layers x (3 kv heads x T x 128 + 9 q heads x 128) x 2 bytes
+    assert b["context"][0] == 128 and b["full"][0] == 30 * (3 * 128 * 128 + 9 * 128) * 2
+    assert all(1.9 < x <= 2.0 for x in b["bound_tokens"])
+    assert b["bound_rank"] == sorted(b["bound_rank"]) and 1.0 < b["bound_rank"][0] < b["bound_rank"][-1] < 2.0
+    speed = results["speed"]
+    assert [(r["context"], r["method"]) for r in speed] == [(c, m) for c in (128, 256) for m in results["methods"]]
+    for r in speed:  # timings are never asserted on: only that they exist and the bytes are right
+        assert r["tokens_per_s"] > 0 and r["ratio"] > 0 and r["ratio_to_full"] > 0 and r["repeats"] == 1
+        assert 1.0 <= r["step_bound"] <= r["attn_bound"]
+        if r["method"] == "none":
+            assert r["ratio"] == 1.0 and r["kv_budget"] == 1.0 and r["attn_bound"] == 1.0
+        if r["method"] in ("streaming", "pca"):  # half the bytes (+ sinks, bases, decode growth slack)
+            assert 0.5 <= r["kv_budget"] < 0.7 and r["attn_bound"] > 1.2
+    assert results["key_figure"] == "speedup_vs_bound.png"
+
+
 CHECKS = {"00_tour": check_00_tour, "01_kv_spectra": check_01_kv_spectra, "02_pca_vs_trained": check_02_pca_vs_trained,
           "03_layer_similarity_reuse": check_03_layer_similarity_reuse,
-          "04_attention_score_bias": check_04_attention_score_bias}
+          "04_attention_score_bias": check_04_attention_score_bias, "05_paged_eviction": check_05_paged_eviction,
+          "06_kernels": check_06_kernels}
 
 
 def test_every_notebook_has_checks():
