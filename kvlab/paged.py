@@ -280,14 +280,7 @@ class PagedLayer(EvictionLayer):
     # ------------------------------------------------------------------------------------------------ writing
 
     def _store(self, key_states, value_states):
-        if self.forwards and not self.compressed:
-            raise RuntimeError(
-                f"{self.policy.name}: a second forward reached the cache before `method.compress(cache, ...)`. "
-                "Token-eviction methods keep the whole context until compress is called after the prefill (the "
-                "'compress the context, then continue' protocol, protocol='context'); the 'throughout' protocol "
-                "(one teacher-forced pass, no compress) and chunked prefill are not supported."
-            )
-        self.forwards += 1
+        self._count_forward()
         batch, heads, new, _ = key_states.shape
         device = key_states.device
         if self.block_tables is None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kvlab.kernels import bytes_model, dispatch
+from kvlab.kernels.check import dense_attention
 from kvlab.kernels.paged_attention import reference as paged_ref
 from kvlab.kernels.project_append import reference as append_ref
 from kvlab.kernels.projected_attention import reference as proj_ref
@@ -65,16 +66,6 @@ def projected_case(batch, group, dim, vdim, key_ranks, value_ranks, tokens, dtyp
     key_codes = torch.randn(batch, tokens, u.shape[1], generator=g).to(dtype)
     value_codes = torch.randn(batch, tokens, w.shape[1], generator=g).to(dtype)
     return query, key_codes, value_codes, u, w, k_off, v_off
-
-
-def dense_attention(query, keys, values, lengths, scale):
-    """Ordinary attention: query (B, H, D) over keys (B, H_kv, T, D), values (B, H_kv, T, Dv), float32."""
-    group = query.shape[1] // keys.shape[1]
-    keys, values = keys.repeat_interleave(group, 1).float(), values.repeat_interleave(group, 1).float()
-    scores = torch.einsum("bhd,bhtd->bht", query.float(), keys) * scale
-    visible = torch.arange(keys.shape[2]) < lengths[:, None, None]
-    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0)
-    return torch.einsum("bht,bhtd->bhd", probs, values)
 
 
 # ------------------------------------------------------------------------------------------------ paged attention

@@ -30,7 +30,7 @@ def _bases(dim: int, ranks, g: torch.Generator):
     return proj_ref.pack_ragged(parts)  # (D, sum r), offsets
 
 
-def _dense(query, keys, values, lengths, scale):
+def dense_attention(query, keys, values, lengths, scale):
     """Ordinary attention of query (B, H, D) over keys (B, H_kv, T, D), values (B, H_kv, T, Dv), float32."""
     group = query.shape[1] // keys.shape[1]
     keys, values = keys.repeat_interleave(group, 1).float(), values.repeat_interleave(group, 1).float()
@@ -101,7 +101,7 @@ def correctness(gpu: bool | None = None) -> list[dict]:
         inputs, lengths = _projected_inputs(case)
         query, key_codes, value_codes, u, w, k_off, v_off = inputs
         got = proj_ref.projected_decode_attention(*inputs, lengths, scaling=0.125)
-        want = _dense(query, proj_ref.reconstruct(key_codes, u, k_off), proj_ref.reconstruct(value_codes, w, v_off),
+        want = dense_attention(query, proj_ref.reconstruct(key_codes, u, k_off), proj_ref.reconstruct(value_codes, w, v_off),
                       lengths, 0.125)
         rows.append(_row("projected_attention", name, "dense attention over K_hat, V_hat", torch.float32,
                          (got - want).abs().max()))
@@ -115,7 +115,7 @@ def correctness(gpu: bool | None = None) -> list[dict]:
         got = paged_ref.paged_decode_attention(query, keys, values, tables, lengths, 0.125)
         dense_k, dense_v = _gather_paged(keys, values, tables, lengths)
         group = query.shape[1] // tables.shape[1]
-        want = torch.stack([_dense(query[:, h * group:(h + 1) * group], dense_k[:, h:h + 1], dense_v[:, h:h + 1],
+        want = torch.stack([dense_attention(query[:, h * group:(h + 1) * group], dense_k[:, h:h + 1], dense_v[:, h:h + 1],
                                    lengths[:, h], 0.125) for h in range(tables.shape[1])], 1).flatten(1, 2)
         rows.append(_row("paged_attention", name, "dense attention over the gathered tokens", torch.float32,
                          (got - want).abs().max()))

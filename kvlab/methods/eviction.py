@@ -137,7 +137,8 @@ class EvictionLayer(KVLayer):
 
     # ------------------------------------------------------------------------------------------------ writing
 
-    def _store(self, key_states, value_states):
+    def _count_forward(self) -> None:
+        """Every write starts here: one forward before ``compress`` (the prefill), any number after."""
         if self.forwards and not self.compressed:
             raise RuntimeError(
                 f"{self.policy.name}: a second forward reached the cache before `method.compress(cache, ...)`. "
@@ -146,6 +147,9 @@ class EvictionLayer(KVLayer):
                 "(one teacher-forced pass, no compress) and chunked prefill are not supported."
             )
         self.forwards += 1
+
+    def _store(self, key_states, value_states):
+        self._count_forward()
         batch, heads, new, _ = key_states.shape
         columns = self.seen + new
         dtype = _index_dtype(columns)
