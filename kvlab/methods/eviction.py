@@ -155,10 +155,9 @@ class EvictionLayer(KVLayer):
         dtype = _index_dtype(columns)
         cols = torch.arange(self.seen, columns, device=key_states.device, dtype=dtype)
         cols = cols.expand(batch, heads, new)  # (B, H_kv, T_new)
-        # copies: the states may be views of a larger projection output (GPT-2's fused qkv)
+        key_states, value_states = self._encode(key_states, value_states)
         if self.keys is None:
-            self.keys = key_states.clone(memory_format=torch.contiguous_format)
-            self.values = value_states.clone(memory_format=torch.contiguous_format)
+            self.keys, self.values = key_states, value_states
             self.index = cols.clone()
             self.real_seen = torch.zeros(batch, dtype=torch.long, device=key_states.device)
         else:
@@ -168,6 +167,16 @@ class EvictionLayer(KVLayer):
         if self.scores is not None:
             self.scores = torch.cat([self.scores, self.scores.new_zeros(batch, heads, new)], dim=2)
         self.window, self.window_len = None, 0
+        return self.keys, self.values
+
+    def _encode(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored form of new entries (B, H_kv, T_new, D): copies here (the states may be views of a larger
+        projection output, GPT-2's fused qkv); a subclass may store codes instead (then it overrides ``read``)."""
+        return (key_states.clone(memory_format=torch.contiguous_format),
+                value_states.clone(memory_format=torch.contiguous_format))
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, H_kv, C, D) attention reads, slot by slot as stored."""
         return self.keys, self.values
 
     # ------------------------------------------------------------------------------------------------ reading
@@ -186,16 +195,17 @@ class EvictionLayer(KVLayer):
         record = self.policy.records(self.compressed)
         if record not in RECORDS:
             raise ValueError(f"{self.policy.name}: records() returned {record!r}; allowed: {RECORDS}")
+        keys, values = self.read()
         if record == "accumulated":
-            out, received = softmax_attention(query, self.keys, self.values, slot_mask, scaling)
+            out, received = softmax_attention(query, keys, values, slot_mask, scaling)
             if self.scores is None:
                 self.scores = received.new_zeros(received.shape[0], received.shape[1], received.shape[-1])
             self.scores += received.sum(2)
         else:
-            out = attention.sdpa(query, self.keys, self.values, self._per_query_head(slot_mask, query), scaling)
+            out = attention.sdpa(query, keys, values, self._per_query_head(slot_mask, query), scaling)
             if record == "window":
                 w = min(int(self.policy.window), n_query)  # the observation window: the last queries
-                _, self.window = softmax_attention(query[:, :, -w:], self.keys, None, slot_mask[:, :, -w:], scaling)
+                _, self.window = softmax_attention(query[:, :, -w:], keys, None, slot_mask[:, :, -w:], scaling)
                 self.window_len = w
         if self.compressed and self.policy.decode:
             self.evict(self.policy.keep_counts(self))

@@ -1,0 +1,256 @@
+"""Composition across axes: projected features (PCA / MatryoshkaKV) x token eviction (StreamingLLM / H2O / SnapKV),
+in one cache.
+
+Each kept token is stored as its codes on the feature method's per-(layer, kv head) orthonormal bases, truncated at
+rank r = round(feature_budget x D) for every head (the composition uses uniform ranks); the token method decides
+which tokens each (row, kv head) keeps, exactly as it does alone, but from the attention the *compressed* model
+computes (scores are read from the decoded entries). The first ``sinks`` real positions of each row keep a full-size
+copy besides their code (as in the feature methods alone), restored on read while their token is kept.
+
+Storage per layer (:class:`ProjectedEvictionLayer`, an :class:`~kvlab.methods.eviction.EvictionLayer` that stores
+codes):
+
+    keys   (B, H_kv, C, r)     values (B, H_kv, C, r)     codes of the kept tokens
+    index  (B, H_kv, C)                                    mask column of each slot (-1 = empty)
+    sink_keys / sink_values (B, H_kv, S, D), sink_columns (B, S)
+
+Bytes kept ~ token_budget x feature_budget of the context (plus sink copies, the index and the token method's
+statistics, all in measured bytes). One overall ``budget`` is split between the axes by ``feature_budget`` (the rank
+fraction; the token method keeps ``budget / feature_budget`` of the tokens); :func:`search_split` picks the split on
+calibration text. Protocol: "compress the context, then continue", as the token methods.
+
+    both = Composed(budget=1/8, feature="pca", token="h2o", feature_budget=0.5).prepare(model, tok)
+    with both.apply(model) as cache:
+        model(**prompt, past_key_values=cache)
+        both.compress(cache, attention_mask=prompt["attention_mask"])
+    cache.kv_bytes().budget
+
+Registry name: ``"composed"``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from ..models import ModelSpec
+from .base import Method
+from .eviction import EvictionLayer
+from .token_methods import H2O, SnapKV, Streaming, TokenEviction
+
+FEATURE_METHODS = ("pca", "matryoshka")
+TOKEN_METHODS: dict[str, type[TokenEviction]] = {cls.name: cls for cls in (Streaming, H2O, SnapKV)}
+
+
+class ProjectedEvictionLayer(EvictionLayer):
+    """An eviction layer whose slots hold codes ``k @ U`` (B, H_kv, C, r); attention and the token method's scores
+    read the decoded entries ``codes @ U^T``, sinks restored at full size. See the module docstring."""
+
+    def __init__(self, layer_idx: int, policy, key_basis: torch.Tensor, value_basis: torch.Tensor, sinks: int = 0):
+        """``key_basis`` (H_kv, D, r), ``value_basis`` (H_kv, Dv, r_v): orthonormal columns per head."""
+        super().__init__(layer_idx, policy)
+        self.key_basis, self.value_basis, self.sinks = key_basis, value_basis, int(sinks)
+        self.sink_keys = self.sink_values = None  # (B, H_kv, S, D) full-size copies of the first S real positions
+        self.sink_columns = None  # (B, S) long: mask column of each sink, -1 until seen
+        self._new = None  # the raw entries of the current forward, until attention has seen which are sinks
+
+    def reset(self) -> None:
+        self.__init__(self.layer_idx, self.policy, self.key_basis, self.value_basis, self.sinks)
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        super().lazy_initialization(key_states, value_states)
+        if self.key_basis.shape[0] != self.n_heads or self.key_basis.shape[1] != self.head_dim:
+            raise ValueError(f"layer {self.layer_idx}: key bases {tuple(self.key_basis.shape)} do not fit "
+                             f"{self.n_heads} kv heads of dim {self.head_dim}")
+
+    def _encode(self, key_states, value_states):
+        self._new = (key_states, value_states)
+        return (key_states @ self.key_basis.to(key_states.dtype),  # (B, H_kv, T_new, r)
+                value_states @ self.value_basis.to(value_states.dtype))
+
+    def read(self):
+        keys = self.keys @ self.key_basis.to(self.keys.dtype).transpose(1, 2)  # (B, H_kv, C, D)
+        values = self.values @ self.value_basis.to(self.values.dtype).transpose(1, 2)
+        if self.sink_columns is None:
+            return keys, values
+        match = (self.index.long()[..., None] == self.sink_columns[:, None, None, :]) & (self.index >= 0)[..., None]
+        is_sink = match.any(-1, keepdim=True)  # (B, H_kv, C, 1)
+        if not bool(is_sink.any()):
+            return keys, values
+        which = match.long().argmax(-1)  # (B, H_kv, C): which sink copy a slot holds
+        take = lambda copies: copies.gather(2, which[..., None].expand(-1, -1, -1, copies.shape[-1]))
+        return torch.where(is_sink, take(self.sink_keys), keys), torch.where(is_sink, take(self.sink_values), values)
+
+    def attend(self, query, key, value, mask, *, scaling, **kwargs):
+        if self.sinks and self._new is not None:
+            self._keep_sinks(mask, query.shape[2])
+        self._new = None
+        return super().attend(query, key, value, mask, scaling=scaling, **kwargs)
+
+    def _keep_sinks(self, mask: torch.Tensor | None, n_query: int) -> None:
+        """Full-size copies of the new entries whose position among their row's real tokens is < sinks."""
+        keys, values = self._new  # (B, H_kv, T_new, D)
+        batch, heads, new, dim = keys.shape
+        start = self.seen - n_query
+        full = self._full_mask(mask, batch, n_query)  # (B, 1, Q, seen)
+        steps = torch.arange(n_query, device=keys.device)
+        real = full[:, 0, steps, start + steps]  # (B, T_new)
+        before = self.real_seen if self.real_seen is not None else torch.zeros(batch, dtype=torch.long)
+        positions = before[:, None] + real.long().cumsum(-1) - 1  # (B, T_new) among real tokens
+        is_sink = real & (positions < self.sinks)
+        if self.sink_columns is None:
+            self.sink_keys = keys.new_zeros(batch, heads, self.sinks, dim)
+            self.sink_values = values.new_zeros(batch, heads, self.sinks, values.shape[-1])
+            self.sink_columns = torch.full((batch, self.sinks), -1, dtype=torch.long, device=keys.device)
+        if not bool(is_sink.any()):
+            return
+        rows, cols = is_sink.nonzero(as_tuple=True)
+        where = positions[rows, cols]
+        self.sink_keys[rows, :, where] = keys[rows, :, cols]
+        self.sink_values[rows, :, where] = values[rows, :, cols]
+        self.sink_columns[rows, where] = start + cols
+
+    def tensors(self):
+        extra = [t for t in (self.sink_keys, self.sink_values, self.sink_columns) if t is not None]
+        return super().tensors() + extra
+
+    def accounting(self):
+        rows = super().accounting()  # checks compress was called; counts kept slots at full dim
+        n_sinks = int((self.sink_columns >= 0).sum()) if self.sink_columns is not None else 0  # over the batch
+        for row in rows:
+            r = (self.key_basis if row["part"] == "K" else self.value_basis).shape[-1]
+            kept = row["theoretical"] // (row["dims_full"] * self.element_size)
+            row["theoretical"] = (kept * r + n_sinks * row["dims_full"]) * self.element_size
+            row["dims_kept"] = r
+        return rows
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.sink_columns is not None:
+            indices = indices.to(self.sink_columns.device)
+            self.sink_keys, self.sink_values = self.sink_keys[indices], self.sink_values[indices]
+            self.sink_columns = self.sink_columns[indices]
+
+
+@dataclass(eq=False)
+class Composed(Method):
+    """Projected features x token eviction in one cache; ``budget`` = feature_budget x token budget.
+
+    ``feature``: "pca" or "matryoshka" (its fitted bases; ``feature_options`` pick/fit them as the method alone
+    would, e.g. the shipped artefact); ``token``: "streaming", "h2o" or "snapkv" with ``token_options``.
+    ``feature_budget``: the rank fraction r / D, in [budget, 1]; None = sqrt(budget), the even split in log bytes.
+    ``sinks``: full-size positions per row (None = the feature method's ``sinks``).
+    """
+
+    name: ClassVar[str] = "composed"
+    axes: ClassVar[tuple[str, ...]] = ("feature", "token")
+    protocols: ClassVar[tuple[str, ...]] = ("context",)
+
+    budget: float = 0.125
+    feature: str = "pca"
+    token: str = "h2o"
+    feature_budget: float | None = None
+    sinks: int | None = None
+    feature_options: dict = field(default_factory=dict)
+    token_options: dict = field(default_factory=dict)
+    feature_method: Method | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.feature not in FEATURE_METHODS:
+            raise ValueError(f"feature must be one of {', '.join(FEATURE_METHODS)}, got {self.feature!r}")
+        if self.token not in TOKEN_METHODS:
+            raise ValueError(f"token must be one of {', '.join(TOKEN_METHODS)} (methods on the EvictionLayer; "
+                             f"attention_gate and kvcompress keep their own storage), got {self.token!r}")
+        f = self.split
+        if not float(self.budget) - 1e-12 <= f <= 1.0:
+            raise ValueError(f"feature_budget must be in [budget, 1] = [{self.budget}, 1] (the token method keeps "
+                             f"budget / feature_budget of the tokens), got {self.feature_budget!r}")
+        if self.sinks is not None and (isinstance(self.sinks, bool) or not isinstance(self.sinks, int)
+                                       or self.sinks < 0):
+            raise ValueError(f"sinks must be an int >= 0 or None, got {self.sinks!r}")
+        self.policy = TOKEN_METHODS[self.token](budget=min(1.0, float(self.budget) / f), **self.token_options)
+
+    @property
+    def split(self) -> float:
+        """The feature (rank) fraction used."""
+        return float(self.feature_budget) if self.feature_budget is not None else math.sqrt(float(self.budget))
+
+    @property
+    def token_budget(self) -> float:
+        return self.policy.budget
+
+    # the token method's interface, as the eval harness reads it
+    @property
+    def decode(self) -> bool:
+        return bool(getattr(self.policy, "decode", False))
+
+    def feature_part(self) -> Method:
+        if self.feature_method is None:
+            from . import get
+
+            self.feature_method = get(self.feature, **self.feature_options)
+        return self.feature_method
+
+    @property
+    def provenance(self) -> dict:
+        return getattr(self.feature_method, "provenance", {}) if self.feature_method is not None else {}
+
+    def prepare(self, model, tokenizer) -> "Composed":
+        self.feature_part().prepare(model, tokenizer)
+        return self
+
+    def fit(self, model, calib=None) -> "Composed":
+        self.feature_part().fit(model, calib)
+        return self
+
+    def rank(self, spec: ModelSpec) -> int:
+        return max(1, round(self.split * spec.head_dim))
+
+    def make_layer(self, layer_idx: int, spec: ModelSpec) -> ProjectedEvictionLayer:
+        feature = self.feature_part()
+        if getattr(feature, "key_bases", None) is None:
+            raise RuntimeError(f"{self.feature} has no bases yet: call .prepare(model, tokenizer) or .fit(model, ids)")
+        r = self.rank(spec)
+        sinks = self.sinks if self.sinks is not None else int(getattr(feature, "sinks", 0))
+        return ProjectedEvictionLayer(layer_idx, self.policy, feature.key_bases[layer_idx, :, :, :r],
+                                      feature.value_bases[layer_idx, :, :, :r], sinks)
+
+    def compress(self, cache, **context) -> None:
+        self.policy.compress(cache, **context)
+
+
+def search_split(model, tokenizer, budget: float, *, feature: str = "pca", token: str = "h2o",
+                 splits=None, n_chunks: int = 4, chunk_len: int = 512, context_frac: float = 0.75,
+                 prepared: Method | None = None, progress: bool = False, **options):
+    """Pick the feature/token split of ``budget`` on calibration text: for each rank fraction in ``splits`` (default:
+    the rank fractions 1/8 .. 1 that are >= budget, on a grid of eighths) build the composition, compress the first
+    ``context_frac`` of each calibration chunk and score the rest (perplexity, "context" protocol); returns the best
+    :class:`Composed` and the table (pandas) of every split tried with its measured budget."""
+    import pandas as pd
+
+    from ..data import text_chunks
+    from ..eval.perplexity import perplexity
+
+    if splits is None:
+        splits = [f / 8 for f in range(1, 9) if f / 8 >= budget - 1e-12]
+    if not splits:
+        raise ValueError(f"no split to try: every rank fraction must be in [budget, 1] = [{budget}, 1]")
+    chunks = text_chunks("wiki", tokenizer, chunk_len=chunk_len, n_chunks=n_chunks, split="calib", seed=2)
+    spec = ModelSpec.from_model(model)
+    feature_method, rows, methods = prepared, [], []
+    for f in splits:
+        method = Composed(budget=budget, feature=feature, token=token, feature_budget=f,
+                          feature_method=feature_method, **options)
+        if feature_method is None:
+            feature_method = method.prepare(model, tokenizer).feature_method
+        result = perplexity(model, tokenizer, method, chunks, protocol="context", context_frac=context_frac,
+                            progress=progress)
+        rows.append(dict(feature_budget=f, token_budget=method.token_budget, rank=method.rank(spec),
+                         ppl=result["ppl"], measured_budget=result["kv_bytes"]["budget"]))
+        methods.append(method)
+    table = pd.DataFrame(rows)
+    return methods[int(table["ppl"].idxmin())], table
