@@ -10,6 +10,7 @@ ENV_DIR ?= .venv
 PY := $(ENV_DIR)/bin/python
 STAMP := $(ENV_DIR)/.kvlab-installed
 QUICK ?=
+JOBS ?=
 
 .PHONY: setup fetch test report clean-reports
 
@@ -28,7 +29,7 @@ test: setup
 	$(PY) -m pytest -q
 
 report: setup
-	$(PY) -m kvlab.cli report $(if $(QUICK),--quick,)
+	$(PY) -m kvlab.cli report $(if $(QUICK),--quick,) $(if $(JOBS),--jobs $(JOBS),)
 
 clean-reports:
 	rm -rf reports

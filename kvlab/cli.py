@@ -240,13 +240,21 @@ def cmd_bench_decode(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import ReportError, build_report, repo_root
+    from .report import ReportError, build_report, discover_notebooks, repo_root
 
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
     root = repo_root()
     # Quick runs keep their figures apart so they never overwrite the full-mode figures under figures/.
     figures = root / "reports" / "figures-quick" if args.quick else root / "figures"
+    if args.only is not None:
+        try:
+            discover_notebooks(root / "notebooks", args.only)
+        except ValueError as e:  # names no notebook
+            raise UsageError(str(e)) from e
     try:
-        index = build_report(root / "notebooks", root / "reports", quick=args.quick, figures_dir=figures)
+        index = build_report(root / "notebooks", root / "reports", quick=args.quick, figures_dir=figures,
+                             jobs=args.jobs, only=args.only)
     except ReportError as e:
         print(f"kvlab report: {e}", file=sys.stderr)
         return 1
@@ -310,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="execute every notebook and write reports/index.html")
     p.add_argument("--quick", action="store_true", help="notebooks in QUICK mode")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="notebooks run at a time, each kernel with cpu_count // jobs threads (default: min(2, cpu count))")
+    p.add_argument("--only", default=None, metavar="NAMES",
+                   help="comma-separated notebooks to run, by stem or number, e.g. 01,03_layer_similarity_reuse")
     p.set_defaults(func=cmd_report)
     return parser
 

@@ -24,6 +24,30 @@ Outside
     ``parameters`` cell) in a kernel running this very interpreter and writes ``.ipynb`` + ``.html``;
     :func:`build_report` runs every ``notebooks/NN_*.py`` and writes ``reports/index.html`` and
     ``reports/summary.json``.
+
+Running the report in parallel
+    :func:`build_report` runs ``jobs`` notebooks at a time (default :func:`default_jobs`, i.e.
+    ``min(2, cpu count)``), each in its own kernel process driven from a worker thread. Every kernel
+    gets ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS`` / ... set to
+    ``cpu count // workers`` (torch takes its intra-op thread count from ``OMP_NUM_THREADS`` at
+    import), so the kernels do not oversubscribe the cores. When ``<out_dir>/summary.json`` of a
+    previous run holds per-notebook seconds, the longest notebooks start first (notebooks it does not
+    know start before all others); otherwise they start in name order.
+
+    Dependencies: a notebook that reads other notebooks' results tags its parameters cell
+    ``run-after-others``::
+
+        # %% tags=["parameters", "run-after-others"]
+
+    Such notebooks start only after every untagged notebook has finished (ok or failed); they may
+    run in parallel with each other (see :func:`runs_after_others`).
+
+The index page
+    ``reports/index.html`` shows the environment (versions, machine, git commit, date), the jobs, the
+    wall-clock time of the whole report and the sum of notebook times, and one card per notebook
+    (title, status, seconds, quick/full, link to its HTML, key figure, headline numbers). If a
+    results JSON holds ``"tables"`` -- a list of ``{"title", "caption", "columns", "rows"}`` -- each
+    table is rendered (escaped) in a "Paper tables" section under that notebook's heading.
 """
 
 from __future__ import annotations
@@ -42,7 +66,8 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,6 +83,7 @@ __all__ = [
     "NotebookRun",
     "ReportError",
     "build_report",
+    "default_jobs",
     "discover_notebooks",
     "environment_info",
     "figures_dir",
@@ -68,6 +94,7 @@ __all__ = [
     "repo_root",
     "results_dir",
     "run_notebook",
+    "runs_after_others",
     "save_results",
 ]
 
@@ -77,6 +104,10 @@ ENV_FIGURES_DIR = "KVLAB_FIGURES_DIR"
 NOTEBOOK_GLOB = "[0-9][0-9]_*.py"
 PARAMETERS_TAG = "parameters"
 INJECTED_TAG = "injected-parameters"
+AFTER_OTHERS_TAG = "run-after-others"  # on the parameters cell: start after all untagged notebooks
+# thread-pool sizes the kernel's numeric libraries read at import (torch: OMP_NUM_THREADS)
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                   "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
 KERNEL_NAME = "python3"
 DEFAULT_CELL_TIMEOUT = 3600  # seconds per cell; full-mode training cells on a 2-core CPU are slow
 
@@ -332,6 +363,8 @@ class NotebookRun:
     error: str | None = None  # one line: where and what
     traceback: str | None = None  # full text, ANSI colours stripped
     kernel_python: str | None = None
+    threads: int | None = None  # OMP_NUM_THREADS etc. given to the kernel (None: inherited)
+    started: float | None = None  # time.time() when the run began
 
     def load_results(self) -> dict[str, Any]:
         """The notebook's results JSON as a dict (raises if it wrote none)."""
@@ -396,9 +429,17 @@ def _client_class() -> type:
     return KvlabNotebookClient
 
 
-def _kernel_env(name: str, results: Path, figures: Path) -> dict[str, str]:
-    """This process's environment plus the kvlab output variables for the kernel."""
+def _kernel_env(name: str, results: Path, figures: Path, threads: int | None = None) -> dict[str, str]:
+    """This process's environment plus the kvlab output variables for the kernel.
+
+    ``threads`` (if given) sets :data:`THREAD_ENV_VARS`; torch reads ``OMP_NUM_THREADS`` when it is
+    imported and uses it for ``torch.get_num_threads()``.
+    """
     env = dict(os.environ)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        env.update(dict.fromkeys(THREAD_ENV_VARS, str(threads)))
     env.pop("MPLBACKEND", None)  # let ipykernel use its inline backend so figures appear in the HTML
     env[ENV_NOTEBOOK] = name
     env[ENV_RESULTS_DIR] = str(results)
@@ -480,6 +521,7 @@ def run_notebook(
     results_dir: str | Path | None = None,
     figures_dir: str | Path | None = None,
     banner: str | None = None,
+    threads: int | None = None,
 ) -> NotebookRun:
     """Execute one notebook and write ``<out_dir>/<name>.ipynb`` and ``<out_dir>/<name>.html``.
 
@@ -488,7 +530,9 @@ def run_notebook(
     the notebook's folder with ``KVLAB_NOTEBOOK``/``KVLAB_RESULTS_DIR``/``KVLAB_FIGURES_DIR`` set;
     results and figures default to ``<out_dir>/results`` and ``<out_dir>/figures`` so a test run
     leaves the repository alone. ``timeout`` is per cell, in seconds (``None``: no limit).
-    ``banner`` is Markdown shown on top of the HTML page only.
+    ``banner`` is Markdown shown on top of the HTML page only. ``threads`` limits the kernel's
+    numeric thread pools (see :func:`_kernel_env`; ``None``: inherit this process's environment).
+    Safe to call from several threads at once (each call starts its own kernel).
 
     Never raises for a failing notebook: returns ``ok=False`` with ``error``/``traceback`` and keeps
     the partially executed notebook and its HTML, so the error is visible. Raises for bad arguments
@@ -510,7 +554,8 @@ def run_notebook(
     results_file.unlink(missing_ok=True)  # a failed run must not show a previous run's numbers
 
     start = time.time()
-    run = NotebookRun(name=name, source=path, title=name, quick=bool(quick), ok=False, seconds=0.0)
+    run = NotebookRun(name=name, source=path, title=name, quick=bool(quick), ok=False, seconds=0.0,
+                      threads=threads, started=start)
     try:
         nb = read_notebook(path)
         run.title = _notebook_title(nb, name)
@@ -525,7 +570,7 @@ def run_notebook(
     client = _client_class()(nb, kernel_name=KERNEL_NAME, timeout=timeout, allow_errors=False,
                              record_timing=True)
     try:
-        client.execute(cwd=str(path.parent), env=_kernel_env(name, results_base, figures_base))
+        client.execute(cwd=str(path.parent), env=_kernel_env(name, results_base, figures_base, threads))
         run.ok = True
     except Exception as exc:  # noqa: BLE001 - any failure is reported, not raised
         run.error, run.traceback = _describe_failure(exc, nb)
@@ -619,6 +664,7 @@ def environment_info() -> dict[str, str]:
         "python": f"{platform.python_version()} ({sys.executable})",
         "torch": _version("torch"),
         "transformers": _version("transformers"),
+        "triton": _version("triton"),
         "kvlab": _version("kvlab"),
         "git commit": _git_commit(repo_root()),
         "platform": platform.platform(),
@@ -654,12 +700,21 @@ _INDEX_TEMPLATE = """<!DOCTYPE html>
   pre.error { white-space: pre-wrap; font-size: .8rem; background: #fdecea; padding: .5rem; }
   dl.numbers { display: grid; grid-template-columns: auto 1fr; gap: 0 .8rem; font-size: .85rem; }
   dl.numbers dt { color: #555; } dl.numbers dd { margin: 0; font-family: ui-monospace, monospace; }
+  section.tables h3 { margin: 1.5rem 0 .5rem; }
+  table.paper { border-collapse: collapse; margin: .5rem 0 .3rem; font-size: .9rem; }
+  table.paper caption { text-align: left; padding-bottom: .3rem; }
+  table.paper th, table.paper td { padding: .2rem .7rem; border-bottom: 1px solid #ddd; text-align: right; }
+  table.paper th:first-child, table.paper td:first-child { text-align: left; }
+  table.paper thead th { border-bottom: 2px solid #444; }
+  p.caption { color: #555; font-size: .85rem; margin: 0 0 1.2rem; max-width: 60rem; }
 </style>
 </head>
 <body>
 <h1>{{ title }}</h1>
 <p class="sub">{{ date }} &middot; mode: <b>{{ mode }}</b> &middot;
-  {{ n_ok }}/{{ runs|length }} notebooks ok &middot; {{ "%.0f"|format(total_seconds) }} s in total</p>
+  {{ n_ok }}/{{ runs|length }} notebooks ok &middot;
+  wall clock {{ "%.0f"|format(wall_seconds) }} s with {{ jobs }} job{{ '' if jobs == 1 else 's' }}
+  (notebooks in parallel) &middot; sum of notebook times {{ "%.0f"|format(total_seconds) }} s</p>
 <table class="env">
 {% for key, value in environment.items() %}  <tr><th>{{ key }}</th><td>{{ value }}</td></tr>
 {% endfor %}</table>
@@ -668,8 +723,10 @@ _INDEX_TEMPLATE = """<!DOCTYPE html>
     <h2>{% if run.html %}<a href="{{ run.html }}">{{ run.name }}</a>{% else %}{{ run.name }}{% endif %}</h2>
     <div class="meta">{{ run.title }}<br>
       <span class="badge {{ 'ok' if run.ok else 'failed' }}">{{ 'ok' if run.ok else 'FAILED' }}</span>
-      {{ "%.1f"|format(run.seconds) }} s
-      {% if run.results %}&middot; <a href="{{ run.results }}">results JSON</a>{% endif %}</div>
+      {{ "%.1f"|format(run.seconds) }} s &middot; {{ run.mode }}
+      {% if run.run_after_others %}&middot; after others{% endif %}
+      {% if run.results %}&middot; <a href="{{ run.results }}">results JSON</a>{% endif %}
+      {% if run.tables %}&middot; <a href="#tables-{{ run.name }}">tables</a>{% endif %}</div>
     {% if run.error %}<pre class="error">{{ run.error }}</pre>{% endif %}
     {% if run.key_figure %}<a href="{{ run.html or run.key_figure }}"><img src="{{ run.key_figure }}"
       alt="key figure of {{ run.name }}" loading="lazy"></a>
@@ -679,6 +736,21 @@ _INDEX_TEMPLATE = """<!DOCTYPE html>
     {% endfor %}</dl>{% endif %}
   </div>
 {% endfor %}</div>
+{% if runs|selectattr("tables")|list %}<h2 id="paper-tables">Paper tables</h2>
+{% for run in runs if run.tables %}<section class="tables" id="tables-{{ run.name }}">
+  <h3>{% if run.html %}<a href="{{ run.html }}">{{ run.name }}</a>{% else %}{{ run.name }}{% endif %}
+    &middot; {{ run.title }}</h3>
+{% for table in run.tables %}  <table class="paper">
+    <caption><b>{{ table.title }}</b></caption>
+    <thead><tr>{% for column in table.columns %}<th>{{ column }}</th>{% endfor %}</tr></thead>
+    <tbody>
+{% for row in table.rows %}      <tr>{% for cell in row %}<td>{{ cell }}</td>{% endfor %}</tr>
+{% endfor %}    </tbody>
+  </table>
+  {% if table.caption %}<p class="caption">{{ table.caption }}</p>{% endif %}
+  {% if table.error %}<pre class="error">{{ table.error }}</pre>{% endif %}
+{% endfor %}</section>
+{% endfor %}{% endif %}
 </body>
 </html>
 """
@@ -719,6 +791,67 @@ def _headline_numbers(results: Path | None, limit: int = 8) -> dict[str, str]:
     return numbers
 
 
+def _table_cell(value: Any) -> str:
+    """A table value as text: floats with 4 significant digits (pass strings for exact formatting)."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if value != 0 and not 1e-4 <= abs(value) < 1e15:
+            return f"{value:.3e}"
+        import numpy as np
+
+        return np.format_float_positional(value, precision=4, unique=False, fractional=False, trim="-")
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value)
+
+
+def _paper_tables(results: Path | None) -> list[dict[str, Any]]:
+    """The ``"tables"`` of a results JSON, as ``{"title", "caption", "columns", "rows", "error"}`` with
+    every cell as text. Rows may be lists or dicts keyed by column. Problems are noted in ``error``
+    (shown on the index) rather than raised."""
+    if results is None:
+        return []
+    try:
+        tables = json.loads(results.read_text(encoding="utf-8")).get("tables")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return []
+    if tables is None:
+        return []
+    if not isinstance(tables, list):
+        return [{"title": "tables", "caption": "", "columns": [], "rows": [],
+                 "error": f"'tables' must be a list of tables, got {type(tables).__name__}"}]
+    shown = []
+    for number, table in enumerate(tables, 1):
+        if not isinstance(table, dict):
+            shown.append({"title": f"table {number}", "caption": "", "columns": [], "rows": [],
+                          "error": f"a table must be an object, got {type(table).__name__}"})
+            continue
+        columns = table.get("columns") or []
+        rows = table.get("rows") or []
+        problems = []
+        if not isinstance(columns, list):
+            problems.append(f"'columns' must be a list, got {type(columns).__name__}")
+            columns = []
+        if not isinstance(rows, list):
+            problems.append(f"'rows' must be a list, got {type(rows).__name__}")
+            rows = []
+        cells = []
+        for index, row in enumerate(rows, 1):
+            if isinstance(row, dict):
+                row = [row.get(column) for column in columns]
+            elif not isinstance(row, list):
+                row = [row]
+            if columns and len(row) != len(columns):
+                problems.append(f"row {index} has {len(row)} cells for {len(columns)} columns")
+            cells.append([_table_cell(value) for value in row])
+        shown.append({"title": _table_cell(table.get("title")) or f"table {number}",
+                      "caption": _table_cell(table.get("caption")),
+                      "columns": [_table_cell(column) for column in columns], "rows": cells,
+                      "error": "; ".join(problems) or None})
+    return shown
+
+
 def _run_record(run: NotebookRun, out_dir: Path) -> dict[str, Any]:
     """A JSON-ready view of a run with paths relative to the report folder."""
     record = dataclasses.asdict(run)
@@ -728,30 +861,48 @@ def _run_record(run: NotebookRun, out_dir: Path) -> dict[str, Any]:
     return record
 
 
-def _write_index(out_dir: Path, runs: list[NotebookRun], *, quick: bool, title: str) -> Path:
-    """Write ``index.html`` and ``summary.json`` into ``out_dir``; return the index path."""
+def _write_index(out_dir: Path, runs: list[NotebookRun], *, quick: bool, title: str, jobs: int = 1,
+                 wall_seconds: float | None = None, started: float | None = None,
+                 after_others: Iterable[str] = ()) -> Path:
+    """Write ``index.html`` and ``summary.json`` into ``out_dir``; return the index path.
+
+    ``summary.json`` holds the jobs, ``wall_seconds`` (the whole report), ``total_seconds`` (the sum
+    of notebook times) and per notebook its ``seconds`` and ``started`` (seconds after the report
+    began), which the next report uses to start the longest notebooks first.
+    """
     import jinja2
 
     environment = environment_info()
     date = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     mode = "quick" if quick else "full"
-    records = []
+    total = sum(r.seconds for r in runs)
+    after_others = set(after_others)
+    records, tables = [], {}
     for run in runs:
         record = _run_record(run, out_dir)
         record["key_figure"] = _relative(_publish_figure(run.key_figure, out_dir, run.name), out_dir)
         record["numbers"] = _headline_numbers(run.results)
+        record["mode"] = "quick" if run.quick else "full"
+        record["run_after_others"] = run.name in after_others
+        record["started"] = (round(run.started - started, 2)
+                             if run.started is not None and started is not None else None)
         records.append(record)
+        tables[run.name] = _paper_tables(run.results)
     summary = {
-        "title": title, "date": date, "mode": mode, "environment": environment,
-        "total_seconds": round(sum(r.seconds for r in runs), 2),
+        "title": title, "date": date, "mode": mode, "environment": environment, "jobs": jobs,
+        "wall_seconds": round(total if wall_seconds is None else wall_seconds, 2),
+        "total_seconds": round(total, 2),
         "ok": all(r.ok for r in runs), "failed": [r.name for r in runs if not r.ok],
         "notebooks": records,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     template = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string(
         _INDEX_TEMPLATE)
-    page = template.render(title=title, date=date, mode=mode, environment=environment, runs=records,
-                           n_ok=sum(r.ok for r in runs), total_seconds=summary["total_seconds"])
+    shown_env = {"date": date, **environment}
+    page = template.render(title=title, date=date, mode=mode, environment=shown_env, jobs=jobs,
+                           runs=[{**record, "tables": tables[record["name"]]} for record in records],
+                           n_ok=sum(r.ok for r in runs), total_seconds=summary["total_seconds"],
+                           wall_seconds=summary["wall_seconds"])
     index = out_dir / "index.html"
     index.write_text(page, encoding="utf-8")
     return index
@@ -760,6 +911,90 @@ def _write_index(out_dir: Path, runs: list[NotebookRun], *, quick: bool, title: 
 def _banner(name: str, quick: bool) -> str:
     mode = "quick" if quick else "full"
     return f"[&larr; kvlab report index](index.html) &middot; `{html.escape(name)}` &middot; {mode} mode"
+
+
+def _cpu_count() -> int:
+    return os.cpu_count() or 1
+
+
+def default_jobs() -> int:
+    """Notebooks run at a time by default: ``min(2, cpu count)``."""
+    return min(2, _cpu_count())
+
+
+def runs_after_others(path: str | Path) -> bool:
+    """True if the notebook's ``parameters`` cell is tagged ``run-after-others``.
+
+    Such a notebook reads other notebooks' results, so :func:`build_report` starts it only after all
+    untagged notebooks have finished. A notebook that cannot be read (or has no parameters cell) is
+    not tagged; running it reports the problem.
+    """
+    try:
+        nb = read_notebook(path)
+        cell = nb.cells[_parameters_cell_index(nb)]
+    except (NotebookFormatError, ValueError, SyntaxError, OSError):
+        return False
+    return AFTER_OTHERS_TAG in cell.get("metadata", {}).get("tags", [])
+
+
+def _previous_seconds(summary: Path) -> dict[str, float]:
+    """Per-notebook seconds recorded by a previous report's ``summary.json`` (empty if none)."""
+    try:
+        data = json.loads(summary.read_text(encoding="utf-8"))
+        return {nb["name"]: float(nb["seconds"]) for nb in data["notebooks"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _schedule(paths: Sequence[Path], previous: Mapping[str, float]) -> list[Path]:
+    """Start order: longest previous run first, notebooks without a previous time before all of
+    them (they may be long); ties and no history at all: name order."""
+    return sorted(paths, key=lambda p: (p.stem in previous, -previous.get(p.stem, 0.0), p.stem))
+
+
+def _run_guarded(path: Path, **kwargs: Any) -> NotebookRun:
+    """:func:`run_notebook`, turning an unexpected exception (e.g. while writing the HTML) into a failed
+    run so that the other notebooks and the index still get done."""
+    start = time.time()
+    try:
+        return run_notebook(path, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - reported on the index and by ReportError
+        import traceback
+
+        return NotebookRun(name=path.stem, source=path.resolve(), title=path.stem,
+                           quick=bool(kwargs.get("quick")), ok=False, seconds=time.time() - start,
+                           error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(),
+                           threads=kwargs.get("threads"), started=start)
+
+
+def _run_batch(paths: list[Path], jobs: int, log: Any, **kwargs: Any) -> list[NotebookRun]:
+    """Run ``paths`` (already in start order) with up to ``jobs`` kernels at a time; each kernel gets
+    ``cpu count // workers`` threads. ``log(run)`` is called as each one finishes."""
+    if not paths:
+        return []
+    workers = min(jobs, len(paths))
+    threads = max(1, _cpu_count() // workers)
+    banners = {path: _banner(path.stem, kwargs["quick"]) for path in paths}
+    if workers == 1:
+        runs = []
+        for path in paths:
+            runs.append(_run_guarded(path, threads=threads, banner=banners[path], **kwargs))
+            log(runs[-1])
+        return runs
+    _client_class()  # import the Jupyter machinery once, before the worker threads start
+    runs = []
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvlab-report") as pool:
+        futures = [pool.submit(_run_guarded, path, threads=threads, banner=banners[path], **kwargs)
+                   for path in paths]
+        try:
+            for future in as_completed(futures):
+                runs.append(future.result())
+                log(runs[-1])
+        except BaseException:  # Ctrl-C: do not start the notebooks still waiting
+            for future in futures:
+                future.cancel()
+            raise
+    return runs
 
 
 def build_report(
@@ -771,30 +1006,52 @@ def build_report(
     figures_dir: str | Path | None = None,
     timeout: int | None = DEFAULT_CELL_TIMEOUT,
     title: str = "kvlab report",
+    jobs: int | None = None,
 ) -> Path:
-    """Run every ``NN_*.py`` notebook in order and write the report; return ``<out_dir>/index.html``.
+    """Run every ``NN_*.py`` notebook and write the report; return ``<out_dir>/index.html``.
 
     Writes ``<out_dir>/<name>.html`` and ``.ipynb`` per notebook, results to ``<out_dir>/results/``,
     figures to ``figures_dir`` (default: :func:`figures_dir`, i.e. ``$KVLAB_FIGURES_DIR`` or the
     repo's ``figures/``; each key figure is also copied under ``<out_dir>/figures/`` so the report
-    folder stands alone), then ``index.html`` and ``summary.json``. Prints one progress line per
-    notebook to stderr. Raises :class:`ReportError` after writing the index if any notebook failed.
+    folder stands alone), then ``index.html`` and ``summary.json``.
+
+    ``jobs`` notebooks run at a time (default :func:`default_jobs`), longest first according to the
+    previous ``summary.json``; notebooks tagged ``run-after-others`` start after all the others have
+    finished (see the module docstring). Prints one progress line per finished notebook to stderr.
+    Raises :class:`ReportError` after writing the index if any notebook failed.
     """
+    jobs = default_jobs() if jobs is None else jobs
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
     paths = discover_notebooks(notebooks_dir, only)
     if not paths:
         raise FileNotFoundError(f"no notebooks matching {NOTEBOOK_GLOB} in {Path(notebooks_dir).resolve()}")
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     figures = Path(figures_dir).resolve() if figures_dir is not None else _current_figures_dir()
-    runs = []
-    for number, path in enumerate(paths, 1):
-        run = run_notebook(path, quick=quick, out_dir=out, timeout=timeout, results_dir=out / "results",
-                           figures_dir=figures, banner=_banner(path.stem, quick))
-        runs.append(run)
+    order = _schedule(paths, _previous_seconds(out / "summary.json"))
+    after = [path for path in order if runs_after_others(path)]
+    first = [path for path in order if path not in after]
+
+    done = 0
+
+    def log(run: NotebookRun) -> None:
+        nonlocal done
+        done += 1
         status = "ok" if run.ok else f"FAILED  {run.error}"
-        print(f"[{number}/{len(paths)}] {run.name:<32} {run.seconds:7.1f} s  {status}", file=sys.stderr,
+        print(f"[{done}/{len(paths)}] {run.name:<32} {run.seconds:7.1f} s  {status}", file=sys.stderr,
               flush=True)
-    index = _write_index(out, runs, quick=quick, title=title)
+
+    start = time.time()
+    runs = []
+    for batch in (first, after):
+        runs += _run_batch(batch, jobs, log, quick=quick, out_dir=out, timeout=timeout,
+                           results_dir=out / "results", figures_dir=figures)
+    wall = time.time() - start
+    names = [path.stem for path in paths]
+    runs.sort(key=lambda run: names.index(run.name))  # index and ReportError in name order
+    index = _write_index(out, runs, quick=quick, title=title, jobs=jobs, wall_seconds=wall,
+                         started=start, after_others={p.stem for p in after})
     failed = [run for run in runs if not run.ok]
     if failed:
         raise ReportError(failed, index)

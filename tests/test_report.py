@@ -1,6 +1,7 @@
 """kvlab.report and kvlab.plotting: notebook execution, the HTML report, where outputs go.
 
-One real report run (two fixture notebooks, one kernel each) is shared by the end-to-end tests;
+One real report run (two fixture notebooks, one kernel each, in parallel) is shared by the end-to-end
+tests, and one more (three tiny notebooks written here) by the parallel / run-after-others tests;
 everything else runs in-process without a kernel.
 """
 
@@ -13,6 +14,7 @@ import os
 import re
 import shutil
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -31,7 +33,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out, figures = root / "reports", root / "figures"
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr), pytest.raises(report.ReportError) as excinfo:
-        report.build_report(notebooks, out, quick=True, figures_dir=figures)
+        report.build_report(notebooks, out, quick=True, figures_dir=figures, jobs=2)
     return {"root": root, "out": out, "figures": figures, "error": excinfo.value,
             "stderr": stderr.getvalue()}
 
@@ -82,8 +84,9 @@ def test_failing_notebook_reported_after_index_written(built: dict) -> None:
     assert failing["ok"] is False and "ValueError: deliberate fixture failure" in failing["error"]
     page = (built["out"] / "01_failing.html").read_text()
     assert "before the failure" in page and "deliberate fixture failure" in page  # partial output kept
-    lines = built["stderr"].strip().splitlines()
-    assert len(lines) == 2 and "00_fixture" in lines[0] and "ok" in lines[0] and "FAILED" in lines[1]
+    lines = sorted(built["stderr"].strip().splitlines(), key=lambda line: line.split()[1])  # finish order varies
+    assert len(lines) == 2 and "00_fixture" in lines[0] and "ok" in lines[0]
+    assert "01_failing" in lines[1] and "FAILED" in lines[1]
 
 
 # ---------------------------------------------------------------- parameters (no kernel)
@@ -180,3 +183,150 @@ def test_key_figure_falls_back_to_first_png_written(tmp_path: Path) -> None:
     assert report._find_key_figure(results, tmp_path / "figs", "04_bias", since=5000.0) is None  # stale
     results.write_text(json.dumps({"key_figure": "figs/04_bias/a_second.png"}))
     assert report._find_key_figure(results, tmp_path / "figs", "04_bias", since=0.0).name == "a_second.png"
+
+
+# ---------------------------------------------------------------- parallel runs and dependencies
+
+def _write_notebook(folder: Path, name: str, code: str, tags: tuple[str, ...] = ("parameters",)) -> Path:
+    """A minimal py:percent notebook: a title, a parameters cell with ``tags``, one code cell."""
+    tag_list = ", ".join(f'"{tag}"' for tag in tags)
+    path = folder / f"{name}.py"
+    path.write_text(f"# %% [markdown]\n# # Notebook {name}\n\n# %% tags=[{tag_list}]\nQUICK = False\n\n"
+                    f"# %%\n{textwrap.dedent(code).strip()}\n")
+    return path
+
+
+# 01_a and 02_b wait for each other (files in the notebooks folder, the kernels' cwd): both succeed only
+# if they run at the same time. 00_after is tagged, so despite its name it starts after both.
+_RENDEZVOUS = """
+    import os, time
+    from pathlib import Path
+    from kvlab.report import save_results
+    Path("{me}.started").touch()
+    deadline = time.time() + 30
+    while not Path("{other}.started").exists():
+        assert time.time() < deadline, "{other} did not start while {me} ran: not in parallel"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    extra = {{}}
+    if "{me}" == "01_a":
+        import torch
+        extra = {{"omp": os.environ["OMP_NUM_THREADS"], "torch_threads": torch.get_num_threads()}}
+    save_results({{"value": {value}, **extra}})
+"""
+_AFTER = """
+    from kvlab.report import load_results, save_results
+    save_results({"total": load_results("01_a")["value"] + load_results("02_b")["value"]})
+"""
+
+
+@pytest.fixture(scope="module")
+def parallel(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """build_report(jobs=2) on 00_after (run-after-others), 01_a, 02_b; 4 'CPUs' -> 2 threads per kernel."""
+    root = tmp_path_factory.mktemp("parallel")
+    notebooks = root / "notebooks"
+    notebooks.mkdir()
+    _write_notebook(notebooks, "00_after", _AFTER, tags=("parameters", report.AFTER_OTHERS_TAG))
+    _write_notebook(notebooks, "01_a", _RENDEZVOUS.format(me="01_a", other="02_b", value=1))
+    _write_notebook(notebooks, "02_b", _RENDEZVOUS.format(me="02_b", other="01_a", value=2))
+    out = root / "reports"
+    stderr = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(stderr):
+        mp.setattr(report, "_cpu_count", lambda: 4)
+        index = report.build_report(notebooks, out, quick=True, figures_dir=root / "figures", jobs=2)
+    summary = json.loads((out / "summary.json").read_text())
+    return {"out": out, "index": index, "stderr": stderr.getvalue(), "summary": summary,
+            "by_name": {nb["name"]: nb for nb in summary["notebooks"]}}
+
+
+def test_parallel_notebooks_all_produce_outputs(parallel: dict) -> None:
+    out, by_name = parallel["out"], parallel["by_name"]
+    for name in ("00_after", "01_a", "02_b"):
+        assert by_name[name]["ok"], by_name[name]["error"]
+        assert (out / f"{name}.html").is_file() and (out / f"{name}.ipynb").is_file()
+    assert report.load_results("02_b", results_dir=out / "results")["value"] == 2
+    summary = parallel["summary"]
+    assert summary["jobs"] == 2 and 0 < summary["wall_seconds"] and summary["total_seconds"] > 0
+    assert [nb["name"] for nb in summary["notebooks"]] == ["00_after", "01_a", "02_b"]  # name order
+
+
+def test_kernel_threads_follow_jobs(parallel: dict) -> None:
+    results = report.load_results("01_a", results_dir=parallel["out"] / "results")
+    assert results["omp"] == "2" and results["torch_threads"] == 2  # 4 CPUs // 2 workers
+    assert parallel["by_name"]["01_a"]["threads"] == 2
+    assert parallel["by_name"]["00_after"]["threads"] == 4  # runs alone in its batch
+
+
+def test_run_after_others_starts_after_them(parallel: dict) -> None:
+    by_name = parallel["by_name"]
+    assert report.load_results("00_after", results_dir=parallel["out"] / "results") == {"total": 3}
+    after = by_name["00_after"]
+    assert after["run_after_others"] and not by_name["01_a"]["run_after_others"]
+    assert all(after["started"] >= nb["started"] + nb["seconds"] - 0.05 for nb in (by_name["01_a"], by_name["02_b"]))
+    assert "00_after" in parallel["stderr"].strip().splitlines()[-1]
+    assert "after others" in parallel["index"].read_text()
+
+
+def test_runs_after_others_reads_the_parameters_tags(tmp_path: Path) -> None:
+    assert report.runs_after_others(_write_notebook(tmp_path, "07_x", "pass", ("parameters", "run-after-others")))
+    assert not report.runs_after_others(_write_notebook(tmp_path, "01_y", "pass"))
+    (tmp_path / "02_bare.py").write_text("# %%\nQUICK = False\n")
+    assert not report.runs_after_others(tmp_path / "02_bare.py")
+
+
+def test_schedule_longest_first(tmp_path: Path) -> None:
+    paths = [tmp_path / f"{name}.py" for name in ("00_a", "01_b", "02_c", "03_new")]
+    assert report._schedule(paths, {}) == paths  # no history: name order
+    previous = {"00_a": 5.0, "01_b": 300.0, "02_c": 40.0}
+    assert [p.stem for p in report._schedule(paths, previous)] == ["03_new", "01_b", "02_c", "00_a"]
+    (tmp_path / "summary.json").write_text(json.dumps({"notebooks": [{"name": "01_b", "seconds": 3.5}]}))
+    assert report._previous_seconds(tmp_path / "summary.json") == {"01_b": 3.5}
+    assert report._previous_seconds(tmp_path / "missing.json") == {}
+
+
+def test_kernel_env_sets_thread_limits(tmp_path: Path) -> None:
+    env = report._kernel_env("01_x", tmp_path, tmp_path, threads=3)
+    assert all(env[var] == "3" for var in report.THREAD_ENV_VARS)
+    with pytest.raises(ValueError, match="threads"):
+        report._kernel_env("01_x", tmp_path, tmp_path, threads=0)
+
+
+def test_report_cli_rejects_bad_jobs(capsys: pytest.CaptureFixture[str]) -> None:
+    from kvlab import cli
+
+    assert cli.main(["report", "--jobs", "0"]) == 2
+    assert "--jobs must be >= 1" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the index page (no kernel)
+
+def test_index_renders_paper_tables_escaped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(report, "_git_commit", lambda root: "abc123")
+    monkeypatch.setattr(report, "_gpus", lambda: "none")
+    results = tmp_path / "results" / "07_paper.json"
+    results.parent.mkdir()
+    results.write_text(json.dumps({"acc": 0.5, "tables": [
+        {"title": "Table 1 <b>bold</b>", "caption": "ppl & acc <script>alert(1)</script>",
+         "columns": ["method", "ppl", "<i>acc</i>"],
+         "rows": [["pca", 12.3456789, 0.5], {"method": "full", "ppl": 11.0, "<i>acc</i>": None}]},
+        {"title": "broken", "columns": ["a", "b"], "rows": [[1]]},
+    ]}))
+    runs = [report.NotebookRun(name="07_paper", source=tmp_path / "07_paper.py", title="Paper results",
+                               quick=False, ok=True, seconds=12.0, results=results),
+            report.NotebookRun(name="08_other", source=tmp_path / "08_other.py", title="Other",
+                               quick=False, ok=False, seconds=1.0, error="boom")]
+    index = report._write_index(tmp_path, runs, quick=False, title="t", jobs=2, wall_seconds=10.0)
+    page = index.read_text()
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "Table 1 &lt;b&gt;bold&lt;/b&gt;" in page and "<th>&lt;i&gt;acc&lt;/i&gt;</th>" in page
+    assert "<td>pca</td><td>12.35</td><td>0.5</td>" in page
+    assert "<td>full</td><td>11</td><td></td>" in page  # dict row, None -> empty
+    assert "row 1 has 1 cells for 2 columns" in page
+    tables_part = page.split('id="paper-tables"', 1)[1]
+    assert 'id="tables-07_paper"' in tables_part and "tables-08_other" not in tables_part
+    assert "Paper results" in tables_part.split("<table", 1)[0]  # under the notebook's heading
+    for text in ("triton", "abc123", "wall clock 10 s with 2 jobs", "sum of notebook times 13 s", "full"):
+        assert text in page
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["jobs"] == 2 and summary["wall_seconds"] == 10.0 and summary["total_seconds"] == 13.0
+    assert "tables" not in summary["notebooks"][0]
