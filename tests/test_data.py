@@ -451,3 +451,22 @@ def test_score_answer(prediction, answers, expected):
 
 def test_normalize_answer():
     assert normalize_answer("  The  Quick, brown fox!  ") == "quick brown fox"
+
+
+def test_fewshot_examples_are_solved_items_never_evaluated():
+    from kvlab.data.tasks import with_fewshot
+
+    items = load_task("arc_easy", limit=30, seed=3)
+    shots = with_fewshot(items, 3, seed=1)
+    evaluated = {item.idx for item in items}
+    solved = {"".join(item.requests[item.gold]): item.idx for item in load_task("arc_easy")}
+    for item, shot in zip(items, shots):
+        assert (shot.idx, shot.gold, len(shot.requests)) == (item.idx, item.gold, len(item.requests))
+        for (ctx, cont), (ctx0, cont0) in zip(shot.requests, item.requests):
+            assert cont == cont0 and ctx.endswith("\n\n" + ctx0)
+            examples = ctx[: -len(ctx0)].split("\n\n")[:-1]
+            assert len(examples) == 3 and all(solved[e] not in evaluated for e in examples)
+    assert with_fewshot(items, 3, seed=1) == shots  # seeded
+    assert with_fewshot(items, 0) == items
+    with pytest.raises(ValueError, match="k \\(few-shot examples\\) must be an int >= 0"):
+        with_fewshot(items, -1)

@@ -26,6 +26,9 @@ Prompt formats: context -> continuations (``{...}`` are dataset fields; items in
 spaces). Winogrande uses partial evaluation (Trinh & Le, 2018): the context differs per option and the scored
 continuation is the shared rest of the sentence. COPA: lm-eval v0.4's yaml prepends a space to the choice *and*
 adds the target delimiter (a double space); kvlab uses a single space, as lm-eval v0.3 and OLMo's ICL tasks do.
+Few-shot (:func:`with_fewshot`): ``k`` solved examples (context + gold continuation) joined by a blank line, as
+lm-eval's ``fewshot_delimiter="\n\n"``, precede every context. Only validation splits ship, so the examples are
+drawn (seeded, per item) from the validation items that are *not* evaluated in the run.
 Gold labels: piqa/rte/copa ``label``; winogrande ``answer`` "1"/"2"; hellaswag ``int(label)``; arc/csqa/obqa index
 of ``answerKey`` in ``choices.label``; siqa ``int(label) - 1``; boolq ``answer`` (False -> "no" = 0, True -> 1).
 """
@@ -42,7 +45,7 @@ import pyarrow as pa
 
 from .fetch import artifact_path
 
-__all__ = ["MCItem", "TASKS", "TASK_FILES", "load_task", "task_size"]
+__all__ = ["MCItem", "TASKS", "TASK_FILES", "load_task", "task_size", "with_fewshot"]
 
 
 @dataclass
@@ -225,3 +228,30 @@ def load_task(name: str, *, limit: int | None = None, seed: int = 0) -> list[MCI
             raise ValueError(f"task {name!r}, item {row}: unusable record ({exc}): {record}") from exc
         items.append(MCItem(task=name, idx=row, requests=requests, gold=gold))
     return items
+
+
+def with_fewshot(items: list[MCItem], k: int, *, seed: int = 1234) -> list[MCItem]:
+    """``items`` with ``k`` solved examples before every context (see the module docstring).
+
+    The examples of an item are a seeded draw from its task's validation split minus every row in ``items`` (so no
+    evaluated item is ever shown solved); each example is its gold request's context + continuation."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"k (few-shot examples) must be an int >= 0, got {k!r}")
+    if k == 0 or not items:
+        return list(items)
+    names = {item.task for item in items}
+    if len(names) != 1:
+        raise ValueError(f"items of one task expected, got {sorted(names)}")
+    name = names.pop()
+    evaluated = {item.idx for item in items}
+    pool = [row for row in range(task_size(name)) if row not in evaluated]
+    if len(pool) < k:
+        raise ValueError(f"task {name!r}: {len(pool)} validation items are not evaluated, {k} examples asked")
+    by_row = {item.idx: item for item in load_task(name)} if len(pool) else {}
+    rng = np.random.default_rng(seed)
+    out = []
+    for item in items:
+        shots = [by_row[row] for row in rng.choice(pool, size=k, replace=False).tolist()]
+        prefix = "\n\n".join("".join(shot.requests[shot.gold]) for shot in shots) + "\n\n"
+        out.append(MCItem(item.task, item.idx, [(prefix + ctx, cont) for ctx, cont in item.requests], item.gold))
+    return out

@@ -197,9 +197,9 @@ def score_items(items, logliks: Sequence[float], greedy: Sequence[bool] | None =
 
 def multiple_choice(model, tokenizer, method, task, limit: int | None = None, seed: int = 0, *,
                     batch_tokens: int = 4096, protocol: str = "throughout", progress: bool = True,
-                    meter: Meter | None = None) -> dict:
+                    meter: Meter | None = None, num_fewshot: int = 0) -> dict:
     """Zero-shot accuracy of ``model`` through ``method`` on ``task`` (a name of ``kvlab.data.TASKS`` or a list
-    of ``MCItem``). ``limit`` items (seeded subset, clamped to the split size). Returns a dict with ``acc``,
+    of ``MCItem``); ``num_fewshot`` solved examples before each context (:func:`kvlab.data.tasks.with_fewshot`). ``limit`` items (seeded subset, clamped to the split size). Returns a dict with ``acc``,
     ``acc_norm``, ``n``, ``stderr_acc``, ``stderr_acc_norm``, ``task``, ``protocol``, meter figures, and
     ``records``: a DataFrame with one row per item (drop it before JSON)."""
     check_protocol(protocol)
@@ -218,6 +218,10 @@ def multiple_choice(model, tokenizer, method, task, limit: int | None = None, se
         name = items[0].task if items else "<items>"
     if not items:
         raise ValueError(f"task {name!r} gave no items")
+    if num_fewshot:
+        from ..data.tasks import with_fewshot
+
+        items = with_fewshot(items, num_fewshot, seed=seed + 1234)
     pairs = [encode_pair(tokenizer, ctx, cont) for item in items for ctx, cont in item.requests]
     own = Meter()
     start = time.perf_counter()
@@ -228,5 +232,6 @@ def multiple_choice(model, tokenizer, method, task, limit: int | None = None, se
         meter.add(own)
     metrics, frame = score_items(items, [s[0] for s in scored], [s[1] for s in scored])
     unique = len({p[0] for p in pairs})
-    return {**metrics, "task": name, "protocol": protocol, "requests": len(pairs), "unique_contexts": unique,
+    return {**metrics, "task": name, "protocol": protocol, "num_fewshot": num_fewshot, "requests": len(pairs),
+            "unique_contexts": unique,
             **own.as_dict(), "records": frame}

@@ -65,13 +65,14 @@ def _drop(result: dict, *keys) -> dict:
 def evaluate(model, tokenizer, method, *, tasks=(), ppl=(), limit: int | None = None, context_len: int = 2048,
              seed: int = 0, progress: bool = True, protocol: str = "throughout", chunk_len: int = 512,
              batch_size: int = 4, batch_tokens: int = 4096, long_n: int = 10, long_settings=SETTINGS,
-             max_new_tokens: int = 32, prompt: str = "chat") -> dict:
+             max_new_tokens: int = 32, prompt: str = "chat", num_fewshot: int = 0) -> dict:
     """Evaluate ``model`` through ``method``; a JSON-ready dict (see the module docstring for bytes).
 
     ``tasks``: zero-shot names of ``kvlab.data.TASKS`` and/or ``needle``, ``longqa``; ``ppl``: corpora (``wiki``,
     ``c4``). ``limit`` bounds items per zero-shot task (seeded subset), perplexity chunks (the first ``limit``
     chunks of the eval split) and long-context items (default ``long_n``). ``protocol`` applies to perplexity and
-    zero-shot tasks; long-context tasks always prefill, compress, then generate (``context``) and run each of
+    zero-shot tasks (``num_fewshot`` solved examples before each item, drawn from the items not evaluated);
+    long-context tasks always prefill, compress, then generate (``context``) and run each of
     ``long_settings`` (their ``acc``/``n`` at the top are the first setting's, every setting is under
     ``settings``).
     """
@@ -109,7 +110,7 @@ def evaluate(model, tokenizer, method, *, tasks=(), ppl=(), limit: int | None = 
                                "settings": per}
         else:
             r = multiple_choice(model, tokenizer, method, task, limit=limit, seed=seed, batch_tokens=batch_tokens,
-                                protocol=protocol, progress=progress, meter=meter)
+                                protocol=protocol, progress=progress, meter=meter, num_fewshot=num_fewshot)
             out_tasks[task] = _drop(r, "records", "task")
     seconds = time.perf_counter() - start
     kv = meter.kv_dict()
@@ -130,6 +131,7 @@ def evaluate(model, tokenizer, method, *, tasks=(), ppl=(), limit: int | None = 
         "tokens_per_second": meter.tokens / seconds if seconds else None,
         "settings": {"limit": limit, "seed": seed, "context_len": context_len, "chunk_len": chunk_len,
                      "batch_size": batch_size, "batch_tokens": batch_tokens, "long_settings": list(long_settings),
-                     "max_new_tokens": max_new_tokens, "prompt": prompt},
+                     "max_new_tokens": max_new_tokens, "prompt": prompt,
+                     "num_fewshot": num_fewshot},
     }
     return _jsonable(result)
