@@ -142,7 +142,8 @@ class Composed(Method):
     ``feature``: "pca" or "matryoshka" (its fitted bases; ``feature_options`` pick/fit them as the method alone
     would, e.g. the shipped artefact); ``token``: "streaming", "h2o" or "snapkv" with ``token_options``.
     ``feature_budget``: the rank fraction r / D, in [budget, 1]; None = sqrt(budget), the even split in log bytes.
-    ``sinks``: full-size positions per row (None = the feature method's ``sinks``).
+    ``sinks``: full-size positions per row (None = the feature method's ``sinks``; none at full rank, where the codes
+    are exact and the composition is the token method alone).
     """
 
     name: ClassVar[str] = "composed"
@@ -216,6 +217,7 @@ class Composed(Method):
             raise RuntimeError(f"{self.feature} has no bases yet: call .prepare(model, tokenizer) or .fit(model, ids)")
         r = self.rank(spec)
         sinks = self.sinks if self.sinks is not None else int(getattr(feature, "sinks", 0))
+        sinks = 0 if r == spec.head_dim else sinks  # full-rank codes are exact: the token method alone
         return ProjectedEvictionLayer(layer_idx, self.policy, feature.key_bases[layer_idx, :, :, :r],
                                       feature.value_bases[layer_idx, :, :, :r], sinks)
 
