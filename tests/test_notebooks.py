@@ -325,20 +325,57 @@ def check_06_kernels(results: dict) -> None:
     assert results["key_figure"] == "speedup_vs_bound.png"
 
 
+def check_07_paper_results(results: dict) -> None:
+    assert results["quick"] is True and results["key_figure"] == "headline_curves.png"
+    titles = [t["title"] for t in results["tables"]]
+    for paper in ("MatryoshkaKV", "KV-CAR", "KV-Compress", "Attention-Gate"):
+        assert any(t.startswith(paper) for t in titles), f"no {paper} table"
+    for table in results["tables"]:
+        assert table["rows"] and all(len(row) == len(table["columns"]) for row in table["rows"])
+        assert "WARNING" not in table["caption"]  # read the QUICK results of this very run, not stale full ones
+    for name in ("02_pca_vs_trained", "03_layer_similarity_reuse", "04_attention_score_bias", "05_paged_eviction"):
+        assert results["sources"][name]["quick"] is True and results["sources"][name]["mismatch"] is None
+
+
+def check_08_composition(results: dict) -> None:
+    assert results["quick"] is True and results["key_figure"] == "frontier.png"
+    grid = results["grid"]
+    assert {r["family"] for r in grid} == {"full cache", "pca", "h2o", "pca x h2o"}
+    assert all(r["n_arc_easy"] == 12 and r["n_piqa"] == 12 and 0 <= r["avg_acc"] <= 1 for r in grid)
+    comp = [r for r in grid if r["method"] == "composed"]
+    assert len(comp) == 1 and comp[0]["feature_budget"] * comp[0]["token_budget"] == pytest.approx(0.125)
+    # what the caches held: H2O evicts answers too (decode=True), the composition stores codes
+    for r in grid:
+        if r["method"] in ("h2o", "composed"):
+            assert r["budget_measured"] < r["budget_nominal"] + 0.06
+    searched = results["split_search"]
+    assert [r["feature_budget"] for r in searched] == [0.25, 0.5, 1.0]
+    assert max(r["measured_budget"] for r in searched) - min(r["measured_budget"] for r in searched) < 0.05
+    assert comp[0]["feature_budget"] == min(searched, key=lambda r: r["ppl"])["feature_budget"]
+    assert set(results["target"]) >= {"composition_acc", "keeps_share", "beats_every_single", "best_single"}
+
+
 CHECKS = {"00_tour": check_00_tour, "01_kv_spectra": check_01_kv_spectra, "02_pca_vs_trained": check_02_pca_vs_trained,
           "03_layer_similarity_reuse": check_03_layer_similarity_reuse,
           "04_attention_score_bias": check_04_attention_score_bias, "05_paged_eviction": check_05_paged_eviction,
-          "06_kernels": check_06_kernels}
+          "06_kernels": check_06_kernels, "07_paper_results": check_07_paper_results,
+          "08_composition": check_08_composition}
 
 
 def test_every_notebook_has_checks():
     assert {p.stem for p in NOTEBOOKS} <= set(CHECKS), "add a check of its results for every new notebook"
 
 
+@pytest.fixture(scope="module")
+def shared_results(tmp_path_factory):
+    """One results dir for the whole run: 07 reads what 02-05 wrote (it runs them itself if they are missing)."""
+    return tmp_path_factory.mktemp("results")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_quick(path, tmp_path):
-    run = run_notebook(path, quick=True, out_dir=tmp_path)
+def test_notebook_quick(path, tmp_path, shared_results):
+    run = run_notebook(path, quick=True, out_dir=tmp_path, results_dir=shared_results)
     assert run.ok, f"{path.name} failed:\n{run.error}\n{run.traceback or ''}"
     assert run.html.exists() and run.results is not None
     CHECKS[path.stem](json.loads(run.results.read_text()))
