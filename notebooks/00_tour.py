@@ -9,8 +9,8 @@
 QUICK = False
 MODEL = "smollm2"
 SEED = 0
-LIMIT = 200  # items per zero-shot task
-PPL_CHUNKS = 40  # 512-token perplexity chunks
+LIMIT = 100  # items per zero-shot task
+PPL_CHUNKS = 12  # 512-token perplexity chunks (12 x 512 = 6k tokens)
 CONTEXTS = [128, 256, 512, 1024, 2048]
 
 # %%

