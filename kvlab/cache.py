@@ -116,8 +116,8 @@ class FullLayer(KVLayer):
         if self.keys is None or needed > self.keys.shape[-2]:
             decoding = self.keys is not None and new == 1  # slack only for token-by-token decoding
             capacity = needed + max(self.min_grow, needed // 16) if decoding else needed
-            self.keys = _grow(self.keys, self.length, capacity, key_states)
-            self.values = _grow(self.values, self.length, capacity, value_states)
+            self.keys = grow_tokens(self.keys, self.length, capacity, key_states)
+            self.values = grow_tokens(self.values, self.length, capacity, value_states)
         self.keys[:, :, self.length : needed] = key_states
         self.values[:, :, self.length : needed] = value_states
         self.length = needed
@@ -156,7 +156,8 @@ class FullLayer(KVLayer):
         self.seen = max(0, self.seen + tokens_to_remove)
 
 
-def _grow(old: torch.Tensor | None, length: int, capacity: int, like: torch.Tensor) -> torch.Tensor:
+def grow_tokens(old: torch.Tensor | None, length: int, capacity: int, like: torch.Tensor) -> torch.Tensor:
+    """A new (B, H_kv, capacity, D) buffer like ``like`` holding the first ``length`` tokens of ``old`` (None: empty)."""
     batch, heads, _, dim = like.shape
     new = like.new_empty(batch, heads, capacity, dim)  # (B, H_kv, capacity, D)
     if old is not None and length:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .. import attention
-from ..cache import _grow
+from ..cache import grow_tokens
 from .coded import CodedLayer
 
 
@@ -85,8 +85,8 @@ class ProjectedLayer(CodedLayer):
                 continue
             if needed > g.keys.shape[2]:
                 capacity = needed + max(self.min_grow, needed // 16) if new == 1 else needed  # slack when decoding
-                g.keys = _grow(g.keys, self.length, capacity, k_code)
-                g.values = _grow(g.values, self.length, capacity, v_code)
+                g.keys = grow_tokens(g.keys, self.length, capacity, k_code)
+                g.values = grow_tokens(g.values, self.length, capacity, v_code)
             g.keys[:, :, self.length: needed] = k_code
             g.values[:, :, self.length: needed] = v_code
 
