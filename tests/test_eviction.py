@@ -373,3 +373,22 @@ def test_long_context_harness_batched_equals_one_by_one(name, setting):
     kwargs = dict(setting=setting, max_new_tokens=6, progress=False)
     assert (greedy_generate(model, method, prompts, batch_size=3, **kwargs)
             == greedy_generate(model, method, prompts, batch_size=1, **kwargs))
+
+
+@pytest.mark.parametrize("method", [Streaming(0.5), H2O(0.5), SnapKV(0.5, window=4)], ids=lambda m: m.name)
+def test_decoding_appends_in_place_with_spare_slots(method):
+    """After compress, one-token steps write into spare slots (grown by a sixteenth, at least MIN_GROW) instead of
+    re-allocating every step; the spare slots are counted in measured bytes and never read."""
+    model = kvlab.tiny_model("llama")
+    ids, mask, pos = left_padded_batch(97, [30, 21], seed=9)
+    logits, cache, full = _context_run(model, method, ids, mask, pos, torch.randint(3, 97, (2, 3)), steps=3)
+    layer = cache.layers[0]
+    assert layer._keys.shape[2] > layer.slots == layer.keys.shape[2] == layer.index.shape[2]
+    buffer, slots = layer._keys.data_ptr(), layer.slots
+    with torch.no_grad(), kvlab.attach(model):
+        full = torch.cat([full, torch.ones(2, 1, dtype=full.dtype)], dim=1)
+        _forward(model, torch.randint(3, 97, (2, 1)), full, (full.cumsum(-1) - 1)[:, -1:], cache)
+    assert layer._keys.data_ptr() == buffer and layer.slots == slots + 1  # appended in place
+    kb = kvlab.kv_bytes(cache)
+    assert kb.measured > kb.theoretical  # the spare slots are allocated, so measured
+    assert torch.isfinite(logits).all()

@@ -115,12 +115,39 @@ def ranks_by_column(index: torch.Tensor, descending: bool = False) -> torch.Tens
     return torch.empty_like(perm).scatter_(-1, perm, steps)
 
 
+def _slotted(name: str) -> property:
+    """A per-slot tensor (B, H_kv, C, ...) stored in a buffer that may hold spare slots: reads see the first
+    ``slots``; assigning a tensor replaces the buffer and sets ``slots`` to its length."""
+    attr = "_" + name
+
+    def get(self):
+        buf = getattr(self, attr, None)
+        if buf is None or buf.shape[2] == self.slots:
+            return buf
+        return buf[:, :, : self.slots]
+
+    def set(self, value):
+        setattr(self, attr, value)
+        if value is not None:
+            self.slots = value.shape[2]
+
+    return property(get, set)
+
+
 class EvictionLayer(KVLayer):
-    """Keeps per (row, kv head) the tokens its policy picks at ``compress``; see the module docstring."""
+    """Keeps per (row, kv head) the tokens its policy picks at ``compress``; see the module docstring.
+
+    Decoding appends in place: when a one-token write overflows the slots, every per-slot buffer grows by a
+    sixteenth (at least ``MIN_GROW`` slots), so a step does not re-copy the whole cache; spare slots are allocated
+    (measured bytes count them) but never read. Multi-token writes and evictions allocate exactly."""
+
+    MIN_GROW = 32
+    keys, values, index, scores = (_slotted(n) for n in ("keys", "values", "index", "scores"))
 
     def __init__(self, layer_idx: int, policy: EvictionPolicy):
         super().__init__(layer_idx)
         self.policy = policy
+        self.slots = 0  # slots in use (C); the buffers may hold more
         self.keys = self.values = None  # (B, H_kv, C, D)
         self.index = None  # (B, H_kv, C) mask column of each slot, -1 = empty
         self.scores = None  # (B, H_kv, C) float32 accumulated attention ("accumulated" policies)
@@ -161,13 +188,28 @@ class EvictionLayer(KVLayer):
             self.index = cols.clone()
             self.real_seen = torch.zeros(batch, dtype=torch.long, device=key_states.device)
         else:
-            self.keys = torch.cat([self.keys, key_states], dim=2)
-            self.values = torch.cat([self.values, value_states], dim=2)
-            self.index = torch.cat([self.index.to(dtype), cols], dim=2)
-        if self.scores is not None:
-            self.scores = torch.cat([self.scores, self.scores.new_zeros(batch, heads, new)], dim=2)
+            self._append({"keys": key_states, "values": value_states, "index": cols,
+                          "scores": None if self._scores is None else self._scores.new_zeros(batch, heads, new)})
         self.window, self.window_len = None, 0
         return self.keys, self.values
+
+    def _append(self, new: dict[str, torch.Tensor | None]) -> None:
+        """Write per-slot tensors (B, H_kv, T_new, ...) after the ``slots`` in use, growing the buffers if needed."""
+        start, count = self.slots, new["index"].shape[2]
+        needed = start + count
+        if self._index.dtype != new["index"].dtype:  # more columns than int16 holds
+            self._index = self._index.to(new["index"].dtype)
+        capacity = needed + max(self.MIN_GROW, needed // 16) if count == 1 else needed  # slack only when decoding
+        for name, values in new.items():
+            if values is None:
+                continue
+            buf = getattr(self, "_" + name)
+            if buf.shape[2] < needed:
+                grown = buf.new_empty(*buf.shape[:2], capacity, *buf.shape[3:])
+                grown[:, :, :start] = buf[:, :, :start]
+                setattr(self, "_" + name, buf := grown)
+            buf[:, :, start:needed] = values
+        self.slots = needed
 
     def _encode(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored form of new entries (B, H_kv, T_new, D): copies here (the states may be views of a larger
@@ -200,7 +242,7 @@ class EvictionLayer(KVLayer):
             out, received = softmax_attention(query, keys, values, slot_mask, scaling)
             if self.scores is None:
                 self.scores = received.new_zeros(received.shape[0], received.shape[1], received.shape[-1])
-            self.scores += received.sum(2)
+            self.scores.add_(received.sum(2))  # in place: the buffer may hold spare slots
         else:
             out = attention.sdpa(query, keys, values, self._per_query_head(slot_mask, query), scaling)
             if record == "window":
@@ -270,11 +312,11 @@ class EvictionLayer(KVLayer):
         kept = rank < keep[..., None]  # (B, H_kv, n)
         order = torch.where(kept, top, self.index.shape[-1] + rank).argsort(dim=-1)  # kept slots first, in slot order
         slots, kept = top.gather(-1, order), kept.gather(-1, order)  # (B, H_kv, n)
-        self.keys = self.keys.gather(2, slots[..., None].expand(-1, -1, -1, self.keys.shape[-1]))  # (B, H_kv, n, D)
-        self.values = self.values.gather(2, slots[..., None].expand(-1, -1, -1, self.values.shape[-1]))
-        self.index = self.index.gather(-1, slots).masked_fill(~kept, -1)  # (B, H_kv, n)
-        if self.scores is not None:
-            self.scores = self.scores.gather(-1, slots)
+        keys = self.keys.gather(2, slots[..., None].expand(-1, -1, -1, self.keys.shape[-1]))  # (B, H_kv, n, D)
+        values = self.values.gather(2, slots[..., None].expand(-1, -1, -1, self.values.shape[-1]))
+        index = self.index.gather(-1, slots).masked_fill(~kept, -1)  # (B, H_kv, n)
+        scores = self.scores.gather(-1, slots) if self.scores is not None else None
+        self.keys, self.values, self.index, self.scores = keys, values, index, scores  # gathered first: reads slice
         if self.window is not None:
             self.window = self.window.gather(-1, slots[:, :, None, :].expand(-1, -1, self.window.shape[2], -1))
             self.window_len = 0
@@ -311,7 +353,7 @@ class EvictionLayer(KVLayer):
         return found.masked_fill(cols < 0, -1)
 
     def tensors(self):
-        return [t for t in (self.keys, self.values, self.index, self.scores, self.window) if t is not None]
+        return [t for t in (self._keys, self._values, self._index, self._scores, self.window) if t is not None]
 
     def accounting(self):
         if not self.compressed:
@@ -333,8 +375,9 @@ class EvictionLayer(KVLayer):
         if self.keys is None:
             return
         indices = indices.to(self.keys.device)
-        for name in ("keys", "values", "index", "scores", "window", "real_seen"):
-            t = getattr(self, name)
+        names = ("keys", "values", "index", "scores", "window", "real_seen")
+        selected = {name: getattr(self, name) for name in names}  # read every view before replacing any buffer
+        for name, t in selected.items():
             if t is not None:
                 setattr(self, name, t[indices].contiguous())
         self.batch_size = len(indices)
