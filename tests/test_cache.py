@@ -142,3 +142,20 @@ def test_full_equals_none_on_smollm2(smollm2):
     with kvlab.methods.get("full").apply(model) as cache:
         ours = model.generate(enc["input_ids"], past_key_values=cache, **kwargs)
     assert torch.equal(plain, ours)
+
+
+def test_sdpa_runs_a_plain_causal_mask_as_is_causal():
+    import torch.nn.functional as F
+
+    from kvlab import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 9, 8, generator=g) for _ in range(3))
+    causal = torch.ones(9, 9, dtype=torch.bool).tril().expand(2, 1, 9, 9)
+    assert attention._is_plain_causal(causal, 9, 9)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=causal).transpose(1, 2)
+    torch.testing.assert_close(attention.sdpa(q, k, v, causal, None), expected, atol=1e-6, rtol=0)
+    padded = causal.clone()
+    padded[0, :, :, 0] = False  # row 0 left-padded by one token: not plain causal
+    assert not attention._is_plain_causal(padded, 9, 9)
+    assert not attention._is_plain_causal(causal[:, :, -1:], 1, 9)
