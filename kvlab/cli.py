@@ -80,6 +80,8 @@ def cmd_eval(args) -> int:
         raise UsageError(f"--budget must be in (0, 1] (fraction of the full cache's bytes), got {args.budget}")
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be a positive integer, got {args.limit}")
+    if args.fewshot < 0:
+        raise UsageError(f"--fewshot must be >= 0 (solved examples before each item), got {args.fewshot}")
     method = _method(args)
     from .eval.perplexity import PROTOCOLS
 
@@ -96,7 +98,7 @@ def cmd_eval(args) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from e
     result = evaluate(model, tokenizer, method, tasks=tasks, ppl=corpora, limit=args.limit,
-                      context_len=args.context_len, seed=args.seed, protocol=protocol)
+                      context_len=args.context_len, seed=args.seed, protocol=protocol, num_fewshot=args.fewshot)
     result["model"] = args.model
     text = json.dumps(result, indent=2)
     if args.json:
@@ -288,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="perplexity/zero-shot protocol: compressed attention throughout, or compress the context then "
                         "continue (default: the method's first supported; token eviction supports only context)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fewshot", type=int, default=0,
+                   help="solved examples before each zero-shot item (drawn from validation items not evaluated)")
     p.add_argument("--json", help="also write the result JSON here")
     p.set_defaults(func=cmd_eval)
 
