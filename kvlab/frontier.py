@@ -58,54 +58,82 @@ def pareto(grid: pd.DataFrame, x: str = "budget_measured", y: str = "avg_acc") -
     return grid.loc[keep].sort_values(x)
 
 
-def accuracy_at(grid: pd.DataFrame, family: str, budget: float, *, tolerance: float = 0.1) -> float:
-    """Average accuracy of ``family`` at measured budget ``budget``: linear in log bytes between the two evaluated
-    points around it, or the nearest point if one is within ``tolerance`` (relative) of it; NaN if the family's
-    points do not reach that far."""
-    part = grid[grid["family"] == family].sort_values("budget_measured")
-    x, y = np.log(part["budget_measured"].to_numpy()), part["avg_acc"].to_numpy()
-    if not len(x):
-        raise ValueError(f"no family {family!r} in the grid; families: {', '.join(dict.fromkeys(grid['family']))}")
+def _points_used(part: pd.DataFrame, budget: float, tolerance: float) -> pd.DataFrame:
+    """The rows of one family (sorted by measured bytes) that :func:`accuracy_at` reads at ``budget``: the point
+    evaluated within ``tolerance`` of it, else the two around it; empty if the family does not reach that far."""
+    x = np.log(part["budget_measured"].to_numpy())
     target = math.log(budget)
     nearest = int(np.abs(x - target).argmin())
     if abs(x[nearest] - target) <= math.log1p(tolerance):
-        if len(x) == 1 or x[0] > target or x[-1] < target:
-            return float(y[nearest])
+        return part.iloc[[nearest]]
     if x[0] > target or x[-1] < target:
+        return part.iloc[[]]
+    upper = int(np.searchsorted(x, target))
+    return part.iloc[[max(upper - 1, 0), upper]]
+
+
+def accuracy_at(grid: pd.DataFrame, family: str, budget: float, *, tolerance: float = 0.1) -> float:
+    """Average accuracy of ``family`` at measured budget ``budget``: the point evaluated within ``tolerance``
+    (relative) of it, else linear in log bytes between the two points around it; NaN if the family's points do not
+    reach that far."""
+    part = grid[grid["family"] == family].sort_values("budget_measured")
+    if part.empty:
+        raise ValueError(f"no family {family!r} in the grid; families: {', '.join(dict.fromkeys(grid['family']))}")
+    used = _points_used(part, budget, tolerance)
+    if used.empty:
         return float("nan")
-    return float(np.interp(target, x, y))
+    if len(used) == 1:
+        return float(used["avg_acc"].iloc[0])
+    x = np.log(used["budget_measured"].to_numpy())
+    return float(np.interp(math.log(budget), x, used["avg_acc"].to_numpy()))
 
 
 def compare_at(grid: pd.DataFrame, budget: float, *, full_acc: float, share: float = 0.9,
-               composed: str = "composed") -> pd.DataFrame:
-    """Every family's average accuracy at measured budget ``budget`` (:func:`accuracy_at`), with whether it keeps
-    ``share`` of ``full_acc``; compositions first. A single method whose points do not reach that budget gets NaN
-    (it cannot hold that few bytes as evaluated)."""
+               composed: str = "composed", tolerance: float = 0.1) -> pd.DataFrame:
+    """Every family's average accuracy at measured budget ``budget`` (:func:`accuracy_at`), whether it keeps
+    ``share`` of ``full_acc``, and for compositions whether the points read keep one axis whole (``single_axis``:
+    rank fraction or token fraction 1, i.e. the search chose a single method). Compositions first. A family whose
+    points do not reach that budget gets NaN (it cannot hold that few bytes as evaluated)."""
     rows = []
     for family in dict.fromkeys(grid["family"]):
-        part = grid[grid["family"] == family]
-        acc = accuracy_at(grid, family, budget)
-        rows.append(dict(family=family, composed=bool((part["method"] == composed).all()), acc_at_budget=acc,
-                         keeps_share=bool(acc >= share * full_acc) if acc == acc else False,
+        part = grid[grid["family"] == family].sort_values("budget_measured")
+        acc = accuracy_at(grid, family, budget, tolerance=tolerance)
+        is_composed = bool((part["method"] == composed).all())
+        used = _points_used(part, budget, tolerance)
+        single_axis = bool(is_composed and not used.empty and (
+            (used.get("feature_budget", pd.Series(dtype=float)) >= 1 - 1e-9)
+            | (used.get("token_budget", pd.Series(dtype=float)) >= 1 - 1e-9)).all())
+        rows.append(dict(family=family, composed=is_composed, acc_at_budget=acc,
+                         keeps_share=bool(acc >= share * full_acc) if acc == acc else False, single_axis=single_axis,
                          measured_range=f"{part.budget_measured.min():.3f}-{part.budget_measured.max():.3f}"))
     return pd.DataFrame(rows).sort_values(["composed", "acc_at_budget"], ascending=False, ignore_index=True)
 
 
-def target_met(table: pd.DataFrame) -> dict:
-    """From :func:`compare_at`'s table: the best composition, the best single method reaching the budget, and
-    whether the composition keeps the share and beats every single method there."""
+def target_met(table: pd.DataFrame, *, n: int | None = None) -> dict:
+    """From :func:`compare_at`'s table: the best composition that uses both axes (else the best one), the best single
+    method reaching the budget, and whether the composition keeps the share and beats every single method there.
+    A composition that keeps one axis whole *is* a single method, so it cannot beat one. With ``n`` (items per task
+    mean), the binomial standard error of the difference is given to judge the margin."""
     comps, singles = table[table["composed"]], table[~table["composed"]]
     if comps.empty or singles.empty:
         raise ValueError("the table needs both compositions and single methods")
-    best = comps.loc[comps["acc_at_budget"].idxmax()]
+    both = comps[~comps["single_axis"]].dropna(subset=["acc_at_budget"])
+    pool = both if not both.empty else comps
+    best = pool.loc[pool["acc_at_budget"].idxmax()]
     reached = singles.dropna(subset=["acc_at_budget"])
     rival = reached.loc[reached["acc_at_budget"].idxmax()] if not reached.empty else None
-    return {"composition": best["family"], "composition_acc": float(best["acc_at_budget"]),
-            "keeps_share": bool(best["keeps_share"]),
-            "best_single": None if rival is None else rival["family"],
-            "best_single_acc": float("nan") if rival is None else float(rival["acc_at_budget"]),
-            "beats_every_single": bool(rival is None or best["acc_at_budget"] > rival["acc_at_budget"]),
-            "singles_not_reaching": list(singles.loc[singles["acc_at_budget"].isna(), "family"])}
+    margin = float("nan") if rival is None else float(best["acc_at_budget"] - rival["acc_at_budget"])
+    out = {"composition": best["family"], "composition_acc": float(best["acc_at_budget"]),
+           "single_axis": bool(best["single_axis"]), "keeps_share": bool(best["keeps_share"]),
+           "best_single": None if rival is None else rival["family"],
+           "best_single_acc": float("nan") if rival is None else float(rival["acc_at_budget"]),
+           "margin": margin,
+           "beats_every_single": bool(not best["single_axis"] and (rival is None or margin > 0)),
+           "singles_not_reaching": list(singles.loc[singles["acc_at_budget"].isna(), "family"])}
+    if n:
+        p = float(best["acc_at_budget"])
+        out["stderr_of_margin"] = math.sqrt(2 * p * (1 - p) / n)
+    return out
 
 
 def plot_frontier(grid: pd.DataFrame, *, full_acc: float, share: float = 0.9, ax=None):
@@ -126,8 +154,12 @@ def plot_frontier(grid: pd.DataFrame, *, full_acc: float, share: float = 0.9, ax
     ax.axhline(full_acc, color="black", lw=1, label=f"full cache ({full_acc:.3f})")
     ax.axhline(share * full_acc, color="grey", lw=1, ls=":", label=f"{share:.0%} of full")
     ax.set_xscale("log")
-    ax.set_xlabel("KV cache bytes held (% of the full cache, measured)")
+    ax.set_xlabel("KV cache bytes held (% of the full cache, measured; log scale)")
     ax.set_ylabel("average accuracy")
-    ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.legend(fontsize=8, loc="lower right", ncol=2)
+    low, high = 100 * grid["budget_measured"].min(), 100 * grid["budget_measured"].max()
+    ticks = [t for t in (3.125, 6.25, 12.5, 25, 50, 100) if low / 1.5 <= t <= high * 1.5]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    ax.figure.tight_layout()
     return ax.figure

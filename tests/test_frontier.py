@@ -9,10 +9,12 @@ from kvlab import frontier
 
 
 def _grid():
-    rows = [("pca", "pca", 0.25, 0.26, 0.45), ("pca", "pca", 0.125, 0.13, 0.40),
-            ("h2o", "h2o", 0.25, 0.30, 0.55), ("h2o", "h2o", 0.125, 0.20, 0.50),
-            ("pca x h2o", "composed", 0.25, 0.24, 0.57), ("pca x h2o", "composed", 0.125, 0.125, 0.56)]
-    return pd.DataFrame(rows, columns=["family", "method", "budget_nominal", "budget_measured", "avg_acc"])
+    rows = [("pca", "pca", 0.25, 0.26, 0.45, None, None), ("pca", "pca", 0.125, 0.13, 0.40, None, None),
+            ("h2o", "h2o", 0.25, 0.30, 0.55, None, None), ("h2o", "h2o", 0.125, 0.20, 0.50, None, None),
+            ("pca x h2o", "composed", 0.25, 0.24, 0.57, 0.5, 0.5),
+            ("pca x h2o", "composed", 0.125, 0.125, 0.56, 0.5, 0.25)]
+    return pd.DataFrame(rows, columns=["family", "method", "budget_nominal", "budget_measured", "avg_acc",
+                                       "feature_budget", "token_budget"])
 
 
 def test_pareto_keeps_only_undominated_points():
@@ -41,3 +43,10 @@ def test_compare_at_and_target():
     worse.loc[1, "avg_acc"] = 0.58
     out = frontier.target_met(frontier.compare_at(worse, 0.125, full_acc=0.7))
     assert not out["beats_every_single"] and not out["keeps_share"]
+    one_axis = _grid()
+    one_axis.loc[5, ["feature_budget", "token_budget"]] = [1.0, 0.125]  # the search kept every feature: it is H2O
+    table = frontier.compare_at(one_axis, 0.125, full_acc=0.6)
+    assert table.loc[table.family == "pca x h2o", "single_axis"].item()
+    out = frontier.target_met(table, n=100)
+    assert out["single_axis"] and not out["beats_every_single"] and out["margin"] > 0
+    assert out["stderr_of_margin"] == pytest.approx((2 * 0.56 * 0.44 / 100) ** 0.5)
