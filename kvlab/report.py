@@ -31,7 +31,8 @@ Running the report in parallel
     gets ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS`` / ... set to
     ``cpu count // workers`` (torch takes its intra-op thread count from ``OMP_NUM_THREADS`` at
     import), so the kernels do not oversubscribe the cores. When ``<out_dir>/summary.json`` of a
-    previous run holds per-notebook seconds, the longest notebooks start first (notebooks it does not
+    previous run in the same mode (else ``notebooks/expected_seconds.json``, committed from a measured full
+    report) holds per-notebook seconds, the longest notebooks start first (notebooks it does not
     know start before all others); otherwise they start in name order.
 
     Dependencies: a notebook that reads other notebooks' results tags its parameters cell
@@ -937,13 +938,33 @@ def runs_after_others(path: str | Path) -> bool:
     return AFTER_OTHERS_TAG in cell.get("metadata", {}).get("tags", [])
 
 
-def _previous_seconds(summary: Path) -> dict[str, float]:
-    """Per-notebook seconds recorded by a previous report's ``summary.json`` (empty if none)."""
+EXPECTED_SECONDS_FILE = "expected_seconds.json"  # beside the notebooks: {"full": {name: s}, "quick": {...}}
+
+
+def _previous_seconds(summary: Path, quick: bool | None = None) -> dict[str, float]:
+    """Per-notebook seconds recorded by a previous report's ``summary.json`` (empty if none); with ``quick``
+    given, only the runs made in that mode."""
     try:
         data = json.loads(summary.read_text(encoding="utf-8"))
-        return {nb["name"]: float(nb["seconds"]) for nb in data["notebooks"]}
+        mode = None if quick is None else ("quick" if quick else "full")
+        return {nb["name"]: float(nb["seconds"]) for nb in data["notebooks"]
+                if mode is None or nb.get("mode", mode) == mode}
     except (OSError, ValueError, KeyError, TypeError):
         return {}
+
+
+def _expected_seconds(notebooks_dir: Path, summary: Path, quick: bool) -> dict[str, float]:
+    """How long each notebook should take in this mode: the committed ``expected_seconds.json`` beside the
+    notebooks (measured by a full report; what a fresh clone schedules by), overridden by the previous
+    ``summary.json`` of this output folder."""
+    seconds: dict[str, float] = {}
+    try:
+        committed = json.loads((notebooks_dir / EXPECTED_SECONDS_FILE).read_text(encoding="utf-8"))
+        seconds.update({k: float(v) for k, v in committed.get("quick" if quick else "full", {}).items()})
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    seconds.update(_previous_seconds(summary, quick))
+    return seconds
 
 
 def _schedule(paths: Sequence[Path], previous: Mapping[str, float]) -> list[Path]:
@@ -1016,7 +1037,7 @@ def build_report(
     folder stands alone), then ``index.html`` and ``summary.json``.
 
     ``jobs`` notebooks run at a time (default :func:`default_jobs`), longest first according to the
-    previous ``summary.json``; notebooks tagged ``run-after-others`` start after all the others have
+    previous ``summary.json`` of this mode, else ``notebooks/expected_seconds.json``; notebooks tagged ``run-after-others`` start after all the others have
     finished (see the module docstring). Prints one progress line per finished notebook to stderr.
     Raises :class:`ReportError` after writing the index if any notebook failed.
     """
@@ -1029,7 +1050,7 @@ def build_report(
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     figures = Path(figures_dir).resolve() if figures_dir is not None else _current_figures_dir()
-    order = _schedule(paths, _previous_seconds(out / "summary.json"))
+    order = _schedule(paths, _expected_seconds(Path(notebooks_dir), out / "summary.json", bool(quick)))
     after = [path for path in order if runs_after_others(path)]
     first = [path for path in order if path not in after]
 

@@ -284,6 +284,17 @@ def test_schedule_longest_first(tmp_path: Path) -> None:
     assert report._previous_seconds(tmp_path / "missing.json") == {}
 
 
+def test_expected_seconds_committed_then_previous_run_of_the_same_mode(tmp_path: Path) -> None:
+    (tmp_path / "expected_seconds.json").write_text(json.dumps({"full": {"00_a": 10, "01_b": 900}, "quick": {}}))
+    summary = tmp_path / "summary.json"
+    assert report._expected_seconds(tmp_path, summary, quick=False) == {"00_a": 10.0, "01_b": 900.0}
+    assert report._expected_seconds(tmp_path, summary, quick=True) == {}
+    summary.write_text(json.dumps({"notebooks": [{"name": "00_a", "seconds": 2000, "mode": "full"},
+                                                 {"name": "01_b", "seconds": 1, "mode": "quick"}]}))
+    assert report._expected_seconds(tmp_path, summary, quick=False) == {"00_a": 2000.0, "01_b": 900.0}
+    assert report._expected_seconds(tmp_path, summary, quick=True) == {"01_b": 1.0}
+
+
 def test_kernel_env_sets_thread_limits(tmp_path: Path) -> None:
     env = report._kernel_env("01_x", tmp_path, tmp_path, threads=3)
     assert all(env[var] == "3" for var in report.THREAD_ENV_VARS)
