@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from kvlab.methods.eviction import EvictionLayer
 from kvlab.report import discover_notebooks, run_notebook
 
 NOTEBOOKS = discover_notebooks(Path(__file__).parent.parent / "notebooks")
@@ -320,8 +321,10 @@ def check_06_kernels(results: dict) -> None:
         assert 1.0 <= r["step_bound"] <= r["attn_bound"]
         if r["method"] == "none":
             assert r["ratio"] == 1.0 and r["kv_budget"] == 1.0 and r["attn_bound"] == 1.0
-        if r["method"] in ("streaming", "pca"):  # half the bytes (+ sinks, bases, decode growth slack)
-            assert 0.5 <= r["kv_budget"] < 0.7 and r["attn_bound"] > 1.2
+        if r["method"] in ("streaming", "pca"):  # half the bytes + sinks, bases and decode growth slack, which at
+            # these short contexts is up to EvictionLayer.MIN_GROW spare slots per head (measured bytes count them)
+            slack = EvictionLayer.MIN_GROW / (r["context"] + results["new_tokens"])
+            assert 0.5 <= r["kv_budget"] < 0.55 + slack and r["attn_bound"] > 1.2
     assert results["key_figure"] == "speedup_vs_bound.png"
 
 
