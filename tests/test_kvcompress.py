@@ -100,6 +100,24 @@ def test_heads_keep_different_counts_that_sum_to_the_budget():
     assert (counts % S == 0).all() and (counts >= 16).all()  # whole blocks, at least sinks + window rounded up
 
 
+def test_layer_scope_gives_every_layer_its_own_budget_ranked_across_its_heads():
+    model = kvlab.tiny_model("llama")
+    spec = kvlab.ModelSpec.from_model(model)
+    ids = torch.randint(3, 97, (2, 200))
+    S, budget = 8, 0.25
+    layered, _ = _compressed(model, KVCompress(budget, block_size=S, window=8, scope="layer"), ids)
+    whole, _ = _compressed(model, KVCompress(budget, block_size=S, window=8), ids)
+    target = budget * 200 * spec.n_kv_heads
+    per_layer = torch.stack([layer.lengths.sum(-1) for layer in layered.layers])  # (L, B)
+    assert ((per_layer - target).abs() <= S / 2).all()  # each layer holds its own share, nearest whole blocks
+    model_wide = torch.stack([layer.lengths.sum(-1) for layer in whole.layers])
+    assert (model_wide - target).abs().max() > S  # the model-wide ranking moves tokens between layers
+    assert abs(int(model_wide.sum(0)[0]) - budget * 200 * spec.n_kv_heads * spec.n_layers) <= S / 2
+    for layer in layered.layers:  # heads within a layer still keep different counts, in whole blocks
+        assert (layer.lengths % S == 0).all()
+    assert torch.cat([layer.lengths.flatten() for layer in layered.layers]).unique().numel() > 1
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
 @pytest.mark.parametrize("budget", [0.5, 0.25, 0.125])
 def test_eviction_frees_blocks_and_measured_bytes_follow_the_theoretical_ones(arch, budget):
@@ -192,6 +210,7 @@ def test_registry_and_cache_type():
     (dict(group_agg="mean"), "group_agg must be one of sum, max"),
     (dict(kernel=4), "kernel must be odd"),
     (dict(kernel=0), "kernel must be an int >= 1"),
+    (dict(scope="head"), "scope must be one of model, layer"),
     (dict(window=0), "window must be an int >= 1"),
     (dict(sinks=-1), "sinks must be an int >= 0"),
     (dict(block_size=0), "block_size must be an int >= 1"),

@@ -23,7 +23,10 @@ What the paper does, in this package's terms (protocol "compress the context, th
    least its protected tokens; the total is within half a block of the budget (unless the protected tokens alone
    exceed it: protection shrinks to the per-head budget rounded down to blocks, at least one block, the window
    first). Eviction compacts the kept tokens into the first blocks of each head and returns every other block to
-   the pool's free list, so measured bytes follow the theoretical ones.
+   the pool's free list, so measured bytes follow the theoretical ones. ``scope="layer"`` (an option, not the
+   paper's) plans each layer on its own: ``budget`` of its tokens, ranked across its heads. Under the model-wide
+   ranking, SmolLM2's layer 0 (attention spread over many tokens, so many moderate scores) keeps nearly all of its
+   tokens at 2x while later layers' heads keep a few hundred of 2,100.
 4. Later forwards append to the blocks; decode steps read through the block tables with the paged decode kernel
    (:mod:`kvlab.kernels.paged_attention`). No further eviction during decoding (the paper's vLLM integration also
    compresses during decoding; the context protocol here compresses once).
@@ -44,6 +47,7 @@ from .token_methods import TokenEviction, _check_int
 
 METRICS = ("l1", "l2")
 GROUP_AGGS = ("sum", "max")
+SCOPES = ("model", "layer")
 
 
 @dataclass
@@ -53,7 +57,8 @@ class KVCompress(TokenEviction):
     Options: ``budget`` (fraction of the cache's tokens, hence bytes, kept over all layers and heads), ``window``
     (observation window: the last queries of the prefill, also protected), ``metric`` ("l1", "l2"), ``group_agg``
     ("sum", "max" over the query heads of a GQA group), ``kernel`` (odd max-pooling width, 1 = none), ``sinks``
-    (first real tokens protected), ``block_size`` (tokens per block).
+    (first real tokens protected), ``block_size`` (tokens per block), ``scope`` ("model": the paper's one ranking
+    over every layer and head; "layer": each layer keeps ``budget`` of its own tokens, ranked across its heads).
     """
 
     name: ClassVar[str] = "kvcompress"
@@ -65,6 +70,7 @@ class KVCompress(TokenEviction):
     kernel: int = 1
     sinks: int = 4
     block_size: int = 16
+    scope: str = "model"
 
     def __post_init__(self):
         super().__post_init__()
@@ -78,6 +84,8 @@ class KVCompress(TokenEviction):
             raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
         if self.group_agg not in GROUP_AGGS:
             raise ValueError(f"group_agg must be one of {', '.join(GROUP_AGGS)}, got {self.group_agg!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
 
     # ---------------------------------------------------------------------------------------------- cache
 
@@ -147,7 +155,13 @@ class KVCompress(TokenEviction):
             layer.compress(keep, priority)
 
     def plan(self, layers) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer: keep counts (B, H_kv) and the within-head priority (B, H_kv, C) (see the module docstring)."""
+        """Per layer: keep counts (B, H_kv) and the within-head priority (B, H_kv, C) (see the module docstring);
+        with ``scope="layer"`` every layer is planned on its own, to ``budget`` of its tokens."""
+        if self.scope == "layer":
+            return [step for layer in layers for step in self._plan([layer])]
+        return self._plan(layers)
+
+    def _plan(self, layers) -> list[tuple[torch.Tensor, torch.Tensor]]:
         S = self.block_size
         metrics = [self.token_metric(layer) for layer in layers]  # each (B, H_kv, C_l)
         width = max(m.shape[-1] for m in metrics)
