@@ -244,3 +244,61 @@ def test_misuse_fails_loudly(capsys):
         method.compress(kvlab.methods.get("snapkv", 0.5).new_cache(model))  # dense eviction layers, not paged
     assert main(["eval", "--method", "kvcompress", "--opt", "metric=l3", "--tasks", "needle"]) == 2
     assert "metric must be one of l1, l2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scope", ["model", "layer"])
+def test_decode_after_compress_equals_the_plain_model_hiding_the_evicted_entries(scope):
+    """End to end: greedy decode through the compressed paged cache equals the plain model run once over prompt +
+    generated tokens with an attention function that hides, from every query after the prompt, exactly the
+    (layer, kv head, column) entries the cache evicted (positions, GQA mapping, block tables, mask)."""
+    from transformers import AttentionInterface
+
+    from kvlab.eval.forward import forward, pad_left, positions
+
+    model = kvlab.tiny_model("llama")  # GQA
+    spec = kvlab.ModelSpec.from_model(model)
+    torch.manual_seed(3)
+    prompt, steps = torch.randint(3, 97, (150,)).tolist(), 6
+    method = KVCompress(0.25, block_size=4, window=8, kernel=3, scope=scope)
+    with torch.no_grad(), method.attached(model):
+        cache = method.new_cache(model)
+        ids, mask = pad_left([prompt], 0)
+        logits = forward(model, ids, mask, positions(mask), cache, logits_to_keep=1)[:, -1]
+        method.compress(cache, attention_mask=mask)
+        kept = []  # per layer (H_kv, P): the prompt columns each kv head still holds
+        for layer in cache.layers:
+            index = layer.index[0].long()
+            kept.append(torch.stack([torch.isin(torch.arange(len(prompt)), index[h][index[h] >= 0])
+                                     for h in range(spec.n_kv_heads)]))
+        generated, step_logits = [], []
+        for t in range(steps):
+            token = logits.argmax(-1)
+            generated.append(int(token))
+            step_logits.append(logits[0])
+            mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], 1)
+            logits = forward(model, token[:, None], mask, torch.tensor([[len(prompt) + t]]), cache,
+                             logits_to_keep=1)[:, -1]
+    assert any(not k.all() for k in kept)  # something was evicted
+
+    P = len(prompt)
+
+    def hide_evicted(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        heads, n = query.shape[1], query.shape[2]
+        group = heads // key.shape[1]
+        allowed = torch.ones(n, n, dtype=torch.bool).tril().repeat(key.shape[1], 1, 1)  # (H_kv, T, T)
+        allowed[:, P:, :P] &= kept[module.layer_idx][:, None, :]
+        allowed = allowed.repeat_interleave(group, 0)
+        k, v = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+        scores = (query @ k.transpose(-1, -2) * scaling).masked_fill(~allowed, float("-inf"))
+        return (scores.softmax(-1) @ v).transpose(1, 2), None
+
+    AttentionInterface.register("kvlab_test_hide_evicted", hide_evicted)
+    before = model.config._attn_implementation
+    model.set_attn_implementation("kvlab_test_hide_evicted")
+    try:
+        with torch.no_grad():
+            full = torch.tensor([prompt + generated[:-1]])
+            reference = model(input_ids=full, position_ids=torch.arange(full.shape[1])[None], use_cache=False).logits
+    finally:
+        model.set_attn_implementation(before)
+    torch.testing.assert_close(torch.stack(step_logits), reference[0, P - 1:], atol=2e-5, rtol=1e-4)
