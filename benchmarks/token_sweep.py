@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--contexts", nargs="+", type=int, default=[512, 1024, 2048, 4096])
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.9, 0.5, 0.1])
-    parser.add_argument("--chunks", type=int, default=2, help="chunks of wiki eval text per configuration")
+    parser.add_argument("--chunks", type=int, default=3, help="chunks of wiki eval text per configuration")
     parser.add_argument("--continuation", type=int, default=256, help="tokens scored after each compressed context")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--table", action="store_true", help="print the table of the results under --out and exit")
