@@ -87,8 +87,7 @@ def main() -> None:
     model, tok = kvlab.load_model(args.model)
     items = load_task("rte")
     train, test = ft.split_items(items, args.n_train, seed=args.split_seed)
-    train_idx, test_idx = sorted(i.idx for i in train), sorted(i.idx for i in test)
-    assert not set(train_idx) & set(test_idx)
+    train_idx, test_idx = sorted(i.idx for i in train), sorted(i.idx for i in test)  # disjoint by split_items
     print(f"RTE validation: {len(items)} items -> {len(train)} train / {len(test)} test (disjoint, seed "
           f"{args.split_seed})", flush=True)
     digest = weights_digest(model)
@@ -106,21 +105,18 @@ def main() -> None:
 
     common = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, rank=args.rank, alpha=args.alpha,
                   loss=args.loss, seed=args.seed, max_seconds=args.max_seconds)
-    runs = {}
     for label, method, extra in (("LoRA, full cache", None, {}),
                                  (f"Attention-Gate + LoRA {args.budget}", gate,
                                   {"gate_lr": args.gate_lr, "target": args.budget})):
         tuned = ft.finetune(model, tok, train, method=method, **common, **extra)
         print(f"trained {label}: {tuned.steps} steps in {tuned.seconds:.0f}s", flush=True)
-        eval_method = tuned.method if method is None else tuned.method.with_budget(args.budget)
-        row = score(model, tok, eval_method, test, f"{label}, fine-tuned")
+        row = score(model, tok, tuned.method, test, f"{label}, fine-tuned")  # the gate keeps args.budget
         hist = tuned.history
         row.update(train_seconds=round(tuned.seconds, 1), train_steps=tuned.steps, settings=tuned.settings,
                    history=hist.round(5).to_dict("records"))
         if "keep_rate" in hist:
             row["train_keep_rate_last10"] = float(hist["keep_rate"].tail(10).mean())
         rows.append(row)
-        runs[label] = tuned
         tuned.unload()
         assert weights_digest(model) == digest, "base weights changed"
 

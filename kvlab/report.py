@@ -941,14 +941,13 @@ def runs_after_others(path: str | Path) -> bool:
 EXPECTED_SECONDS_FILE = "expected_seconds.json"  # beside the notebooks: {"full": {name: s}, "quick": {...}}
 
 
-def _previous_seconds(summary: Path, quick: bool | None = None) -> dict[str, float]:
-    """Per-notebook seconds recorded by a previous report's ``summary.json`` (empty if none); with ``quick``
-    given, only the runs made in that mode."""
+def _previous_seconds(summary: Path, quick: bool) -> dict[str, float]:
+    """Per-notebook seconds of the runs made in this mode recorded by a previous report's ``summary.json``
+    (empty if none; entries without a mode count)."""
+    mode = "quick" if quick else "full"
     try:
         data = json.loads(summary.read_text(encoding="utf-8"))
-        mode = None if quick is None else ("quick" if quick else "full")
-        return {nb["name"]: float(nb["seconds"]) for nb in data["notebooks"]
-                if mode is None or nb.get("mode", mode) == mode}
+        return {nb["name"]: float(nb["seconds"]) for nb in data["notebooks"] if nb.get("mode", mode) == mode}
     except (OSError, ValueError, KeyError, TypeError):
         return {}
 
@@ -1037,8 +1036,8 @@ def build_report(
     folder stands alone), then ``index.html`` and ``summary.json``.
 
     ``jobs`` notebooks run at a time (default :func:`default_jobs`), longest first according to the
-    previous ``summary.json`` of this mode, else ``notebooks/expected_seconds.json``; notebooks tagged ``run-after-others`` start after all the others have
-    finished (see the module docstring). Prints one progress line per finished notebook to stderr.
+    previous ``summary.json`` of this mode, else ``notebooks/expected_seconds.json``; notebooks tagged
+    ``run-after-others`` start after all the others have finished (see the module docstring). Prints one progress line per finished notebook to stderr.
     Raises :class:`ReportError` after writing the index if any notebook failed.
     """
     jobs = default_jobs() if jobs is None else jobs

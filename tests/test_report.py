@@ -280,8 +280,8 @@ def test_schedule_longest_first(tmp_path: Path) -> None:
     previous = {"00_a": 5.0, "01_b": 300.0, "02_c": 40.0}
     assert [p.stem for p in report._schedule(paths, previous)] == ["03_new", "01_b", "02_c", "00_a"]
     (tmp_path / "summary.json").write_text(json.dumps({"notebooks": [{"name": "01_b", "seconds": 3.5}]}))
-    assert report._previous_seconds(tmp_path / "summary.json") == {"01_b": 3.5}
-    assert report._previous_seconds(tmp_path / "missing.json") == {}
+    assert report._previous_seconds(tmp_path / "summary.json", quick=False) == {"01_b": 3.5}
+    assert report._previous_seconds(tmp_path / "missing.json", quick=False) == {}
 
 
 def test_expected_seconds_committed_then_previous_run_of_the_same_mode(tmp_path: Path) -> None:
