@@ -21,8 +21,9 @@ _LAZY = {
     "KVLayer": "cache", "Capture": "capturing", "capture": "capturing", "ModelSpec": "models", "load_model": "models",
     "tiny_model": "models",
 }
-_SUBMODULES = {"analysis", "attention", "budget", "cache", "capturing", "cli", "data", "eval", "methods", "models",
-               "plotting", "report", "train"}
+_SUBMODULES = {"analysis", "attention", "bench", "budget", "cache", "capturing", "cli", "data", "eval", "finetune",
+               "frontier", "kernels", "methods", "models", "paged", "papers", "plotting", "report", "rope", "search",
+               "train"}
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES) + ["__version__"]
 
 

@@ -6,7 +6,7 @@
 # `kvlab.methods.KVCAR`), and **cross-layer reuse** drops a (layer, kv head) whose keys and values are close to the
 # layer below's and lets attention read the layer below's entry instead (layer axis, `kvlab.methods.Reuse`). This
 # notebook measures how alike the layers' keys and values are, per kv head, which heads are reuse candidates, and
-# then what each half and both together (`kvlab.methods.compose.KVCARReuse`, method `kvcar+reuse`) cost in
+# then what each half and both together (`kvlab.methods.kvcar_reuse.KVCARReuse`, method `kvcar+reuse`) cost in
 # perplexity and zero-shot accuracy at the same memory, measured from the bytes the cache really holds.
 #
 # Similarity (`kvlab.analysis.similarity`), per kv head h and pair of layers (l, m), over the same tokens:
@@ -57,7 +57,7 @@ import kvlab
 from kvlab.analysis.similarity import layer_similarity
 from kvlab.eval.run import evaluate
 from kvlab.methods import artefacts
-from kvlab.methods.compose import KVCARReuse
+from kvlab.methods.kvcar_reuse import KVCARReuse
 from kvlab.methods.kvcar import KVCAR
 from kvlab.methods.reuse import Reuse
 from kvlab.plotting import budget_axis, heatmap, savefig, use_style

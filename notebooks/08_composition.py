@@ -47,7 +47,7 @@ from IPython.display import display
 import kvlab
 from kvlab import frontier
 from kvlab.methods import Composed, get
-from kvlab.methods.composed import search_split
+from kvlab.methods.feature_x_token import search_split
 from kvlab.plotting import savefig, use_style
 from kvlab.report import save_results
 

@@ -41,3 +41,15 @@ def test_smollm2_spec_and_converted_once(smollm2):
     assert spec.dtype == "float32"
     folder = kvlab.models.converted_model_dir("smollm2")  # converted once; later loads read safetensors
     assert (folder / "model.safetensors").exists() and not list(folder.glob("*.gguf"))
+
+
+def test_every_submodule_is_reachable_from_the_package():
+    """``kvlab.<name>`` works for every module and subpackage (the lazy map names them all)."""
+    import pkgutil
+
+    import kvlab
+
+    names = {m.name for m in pkgutil.iter_modules(kvlab.__path__) if not m.name.startswith("_")}
+    assert names <= set(kvlab.__all__), f"missing from kvlab's lazy map: {sorted(names - set(kvlab.__all__))}"
+    for name in names:
+        assert getattr(kvlab, name).__name__ == f"kvlab.{name}"

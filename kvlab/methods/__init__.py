@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from .attention_gate import AttentionGate
-from .compose import KVCARReuse
-from .composed import Composed
+from .kvcar_reuse import KVCARReuse
+from .feature_x_token import Composed
 from .base import Full, Method, NoCompression
 from .matryoshka import MatryoshkaKV
 from .pca import PCA

@@ -99,7 +99,7 @@ class ReuseLayer(FullLayer):
 
     def entries(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys, values (B, H_own, T, D) of the heads this layer stores, as attention reads them (subclasses that
-        store them in another form, e.g. :class:`kvlab.methods.compose.CodedReuseLayer`, return them decoded)."""
+        store them in another form, e.g. :class:`kvlab.methods.kvcar_reuse.CodedReuseLayer`, return them decoded)."""
         return self.keys[:, :, : self.length], self.values[:, :, : self.length]
 
     def stored(self, head: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Composition of projected features and token eviction in one cache (kvlab.methods.composed) on tiny random models:
+"""Composition of projected features and token eviction in one cache (kvlab.methods.feature_x_token) on tiny random models:
 full rank is the token method alone, reads decode the codes and restore sinks, bytes shrink on both axes, a row
 gives the same logits alone and in a left-padded batch, bad options are refused."""
 
@@ -7,7 +7,7 @@ import torch
 
 import kvlab
 from kvlab.methods import PCA, Composed, get
-from kvlab.methods.composed import ProjectedEvictionLayer
+from kvlab.methods.feature_x_token import ProjectedEvictionLayer
 from kvlab.methods.token_methods import H2O, SnapKV, Streaming
 from conftest import left_padded_batch
 

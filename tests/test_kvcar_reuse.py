@@ -9,7 +9,7 @@ import torch
 
 import kvlab
 from kvlab.cache import FullLayer, KVLabCache
-from kvlab.methods.compose import CodedReuseLayer, KVCARReuse
+from kvlab.methods.kvcar_reuse import CodedReuseLayer, KVCARReuse
 from kvlab.methods.kvcar import KVCAR
 from kvlab.methods.reuse import Reuse
 from conftest import left_padded_batch
