@@ -23,8 +23,8 @@ papers' own per-task table cells could not be read from a stored source, so no c
 
 :func:`table_json` turns a table into the JSON form the report index renders
 (``{"title", "caption", "columns", "rows"}``, NaN -> ``None``); :func:`load_notebook_results` loads a notebook's
-results, producing them in QUICK mode when missing, and :func:`quick_mismatch` says when QUICK and full results
-would be mixed.
+results (never running a notebook: the report runner orders them), :func:`quick_mismatch` says when QUICK and full
+results would be mixed, and :func:`headline_figure` draws the four headline trade-offs.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ __all__ = [
     "attention_gate",
     "build_all",
     "decode_speed",
+    "headline_figure",
     "kvcar",
     "kvcompress_memory",
     "kvcompress_quality",
@@ -597,38 +598,20 @@ def decode_speed(results: Mapping[str, Any], *, quick: bool | None = None) -> Pa
 # --------------------------------------------------------------------------------------------
 
 
-def load_notebook_results(name: str, *, quick: bool, run_missing: bool | None = None,
-                          results_dir: str | Path | None = None, notebooks_dir: str | Path | None = None,
-                          log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The results dict notebook ``name`` wrote; produce it in QUICK mode when missing and ``run_missing``.
+def load_notebook_results(name: str, *, results_dir: str | Path | None = None) -> dict[str, Any]:
+    """The results dict notebook ``name`` wrote; ``FileNotFoundError`` naming the notebook to run first.
 
-    ``run_missing`` defaults to ``quick``: a QUICK run executes a missing notebook in QUICK mode (results into the
-    same results dir, figures into the current figures dir, its HTML into a temporary folder); a full run raises
-    ``FileNotFoundError`` naming the notebook to run first.
-    """
+    Library code never runs notebooks: the report runner runs notebook 07 after the others (its parameters cell is
+    tagged ``run-after-others``), so their results are there when it reads them."""
     from kvlab import report
 
     base = Path(results_dir) if results_dir is not None else report.results_dir()
     try:
         return report.load_results(name, results_dir=base)
     except FileNotFoundError:
-        if not (quick if run_missing is None else run_missing):
-            raise FileNotFoundError(
-                f"no results of notebook {name} in {base}: run it first (`make report`, or `kvlab report --only "
-                f"{name}`, or kvlab.report.run_notebook('notebooks/{name}.py', quick=False, out_dir='reports', "
-                f"results_dir='reports/results'))") from None
-    import tempfile
-
-    folder = Path(notebooks_dir) if notebooks_dir is not None else report.repo_root() / "notebooks"
-    path = folder / f"{name}.py"
-    log(f"results of {name} missing in {base}: running {path.name} in QUICK mode ...")
-    with tempfile.TemporaryDirectory(prefix=f"kvlab-{name}-") as tmp:
-        run = report.run_notebook(path, quick=True, out_dir=tmp, results_dir=base, figures_dir=report.figures_dir())
-        if not run.ok:
-            raise RuntimeError(f"notebook {name} failed in QUICK mode, so its paper table cannot be built: "
-                               f"{run.error}\n{run.traceback or ''}")
-    log(f"{name}: done in {run.seconds:.0f} s")
-    return report.load_results(name, results_dir=base)
+        raise FileNotFoundError(
+            f"no results of notebook {name} in {base}: run it first (`make report`, or `kvlab report --only "
+            f"{name},07_paper_results`)") from None
 
 
 BUILDERS: dict[str, Callable[..., PaperTable]] = {
@@ -688,3 +671,45 @@ def table_json(table: PaperTable | pd.DataFrame, *, title: str | None = None, ca
     columns = [" / ".join(map(str, c)) if isinstance(c, tuple) else str(c) for c in flat.columns]
     rows = [[_json_value(v, digits) for v in record] for record in flat.itertuples(index=False, name=None)]
     return {"title": str(title), "caption": str(caption or ""), "columns": columns, "rows": rows}
+
+
+def headline_figure(tables: Sequence[PaperTable]):
+    """One panel per paper's headline trade-off (MatryoshkaKV, KV-CAR, KV-Compress max batch, Attention-Gate) from
+    the tables :func:`build_all` made; a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    from .plotting import budget_axis
+
+    by_key = {t.key: t.frame for t in tables}
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+    mkv = by_key["matryoshkakv"]
+    budget_cols = [c for c in mkv.columns if c.endswith("%") and "@" not in c]
+    xs = [float(c.rstrip(" %")) / 100 for c in budget_cols]
+    for row in ("PCA (uniform ranks)", "MatryoshkaKV (uniform ranks)", "MatryoshkaKV (searched ranks)"):
+        if row in mkv.index:
+            axes[0].plot(xs, mkv.loc[row, budget_cols].astype(float), marker="o", label=row)
+    axes[0].set(yscale="log", ylabel="wiki ppl / full", title="MatryoshkaKV (02)")
+    budget_axis(axes[0], label="feature budget (nominal)")
+    kv = by_key["kvcar"].drop(index="full cache")
+    for prefix, rows in kv.groupby(kv.index.str.split(" @ ").str[0], sort=False):
+        axes[1].plot(1 - rows["memory reduction (measured)"], rows["wiki ppl / full"], marker="o", label=prefix)
+    axes[1].set(yscale="log", ylabel="wiki ppl / full", title="KV-CAR (03)")
+    budget_axis(axes[1], label="measured budget")
+    mem = by_key["kvcompress_memory"]
+    rates = [int(r.rstrip("x")) for r in mem.index]
+    for col in [c for c in mem.columns if c.startswith("max batch")]:
+        axes[2].plot(rates, mem[col], marker="o", label=col.removeprefix("max batch: "))
+    axes[2].set(yscale="log", xlabel="compression rate", ylabel="sequences that fit",
+                title="KV-Compress (05): max batch")
+    axes[2].set_xscale("log", base=2)
+    axes[2].set_xticks(rates, [f"{r}x" for r in rates])
+    axes[2].minorticks_off()
+    ag = by_key["attention_gate"].drop(index="full cache")
+    for prefix, rows in ag.groupby(ag.index.str.split(" @ ").str[0], sort=False):
+        axes[3].plot(rows["measured budget (ppl run)"], rows["wiki ppl / full"], marker="o", label=prefix)
+    axes[3].set(ylabel="continuation ppl / full", title="Attention-Gate vs StreamingLLM / H2O (04)")
+    budget_axis(axes[3], label="measured budget (ppl run)")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

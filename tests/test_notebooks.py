@@ -371,7 +371,7 @@ def test_every_notebook_has_checks():
 
 @pytest.fixture(scope="module")
 def shared_results(tmp_path_factory):
-    """One results dir for the whole run: 07 reads what 02-05 wrote (it runs them itself if they are missing)."""
+    """One results dir for the whole run: 07 reads what 02-05 wrote (they run first: notebooks run in name order)."""
     return tmp_path_factory.mktemp("results")
 
 

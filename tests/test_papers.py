@@ -6,7 +6,6 @@ Small synthetic results with the structure the notebooks write (reports/results/
 import copy
 import json
 import math
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -239,31 +238,12 @@ def test_decode_speed_table():
         papers.decode_speed({"model": "smollm2", "speed": []})
 
 
-def test_load_missing_results(tmp_path, monkeypatch, r02):
-    with pytest.raises(FileNotFoundError, match="02_pca_vs_trained.*kvlab report"):
-        papers.load_notebook_results("02_pca_vs_trained", quick=False, results_dir=tmp_path)
-
-    calls = []
-
-    def fake_run(path, *, quick, out_dir, results_dir, figures_dir, **_):
-        calls.append((path.name, quick, results_dir))
-        (results_dir / "02_pca_vs_trained.json").write_text(json.dumps({**r02, "quick": True}))
-        return SimpleNamespace(ok=True, seconds=0.0, error=None, traceback=None)
-
-    monkeypatch.setattr("kvlab.report.run_notebook", fake_run)
-    got = papers.load_notebook_results("02_pca_vs_trained", quick=True, results_dir=tmp_path, log=lambda _: None)
-    assert calls == [("02_pca_vs_trained.py", True, tmp_path)] and got["quick"] is True
-    # present now: loaded, not run again
-    papers.load_notebook_results("02_pca_vs_trained", quick=True, results_dir=tmp_path, log=lambda _: None)
-    assert len(calls) == 1
-
-    def failing_run(path, **_):
-        return SimpleNamespace(ok=False, seconds=0.0, error="cell In[3]: boom", traceback="")
-
-    monkeypatch.setattr("kvlab.report.run_notebook", failing_run)
-    with pytest.raises(RuntimeError, match="03_layer_similarity_reuse failed in QUICK mode.*boom"):
-        papers.load_notebook_results("03_layer_similarity_reuse", quick=True, results_dir=tmp_path,
-                                     log=lambda _: None)
+def test_load_missing_results_names_the_notebook_to_run(tmp_path, r02):
+    """Library code never runs a notebook: missing results are an error that says which notebook to run."""
+    with pytest.raises(FileNotFoundError, match="02_pca_vs_trained.*kvlab report --only 02_pca_vs_trained"):
+        papers.load_notebook_results("02_pca_vs_trained", results_dir=tmp_path)
+    (tmp_path / "02_pca_vs_trained.json").write_text(json.dumps({**r02, "quick": True}))
+    assert papers.load_notebook_results("02_pca_vs_trained", results_dir=tmp_path)["quick"] is True
 
 
 def test_real_results_if_present():
