@@ -121,6 +121,8 @@ def resolve_model(name_or_path) -> Path | str:
             raise ValueError(f"model {name!r} is a file, not a Hugging Face model folder (a folder with config.json)")
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
+        for weights in sorted(path.glob("*.safetensors")):  # a header read each: cheap, and catches a cut download
+            _check_safetensors(weights)
         return path
     close = difflib.get_close_matches(name, BUNDLED, n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -137,6 +139,24 @@ def resolve_model(name_or_path) -> Path | str:
         raise ValueError(f"model {name!r} is not a bundled model ({bundled}), not a folder, and the hub is "
                          f"unreachable ({unreachable}){hint}")
     return name
+
+
+def _check_safetensors(path: Path) -> None:
+    """ValueError unless ``path`` is a safetensors file whose header parses and whose data is all there."""
+    import json
+    import struct
+
+    try:
+        with path.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n)) if n < 100_000_000 else None
+        ends = [v["data_offsets"][1] for k, v in (header or {}).items() if k != "__metadata__"]
+        complete = header is not None and path.stat().st_size >= 8 + n + max(ends, default=0)
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError):
+        complete = False
+    if not complete:
+        raise ValueError(f"{path} is not a complete safetensors file (corrupt or cut short): fetch or save the model "
+                         "again")
 
 
 def _in_hf_cache(repo_id: str) -> bool:

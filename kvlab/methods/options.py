@@ -107,7 +107,7 @@ _NAMES = {bool: "true/false", int: "an integer", float: "a number", str: "a stri
 def describe(allowed: tuple[type, ...], rule: Rule | None = None) -> str:
     what = " or ".join(_NAMES.get(t, getattr(t, "__name__", str(t))) for t in allowed)
     extra = rule.describe() if rule else ""
-    return f"{what}{', ' + extra if extra else ''}"
+    return f"{what} ({extra})" if extra else what
 
 
 def _method_name(cls) -> str:
