@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from . import atomic
 from .cliargs import Float, Int, IntList, Model, Names, Options, OutDir, OutFile
 
 
@@ -98,8 +99,7 @@ def cmd_eval(args) -> int:
     result["model"] = args.model
     text = json.dumps(result, indent=2)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
+        atomic.write_text(args.json, text + "\n")
     print(text)
     return 0
 
@@ -212,12 +212,11 @@ def cmd_bench_decode(args) -> int:
         raise UsageError(str(e)) from e
     name = args.model if args.model in _bundled() else Path(args.model).name
     csv = bench.results_path(name, args.budget, contexts, args.new_tokens, args.out)
-    csv.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(csv, index=False)
+    with atomic.atomic_path(csv) as tmp:
+        table.to_csv(tmp, index=False)
     if args.json:
         record = {"conditions": bench.conditions(name), "rows": table.to_dict(orient="records")}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+        atomic.write_text(args.json, json.dumps(record, indent=2) + "\n")
     import pandas as pd
 
     with pd.option_context("display.width", 200, "display.max_columns", None):

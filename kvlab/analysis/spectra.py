@@ -302,12 +302,15 @@ def save_tables(obj, path: str | Path) -> Path:
 
     from safetensors.torch import save_file
 
+    from ..atomic import atomic_path
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     values = {k: getattr(obj, k) for k in obj.__dataclass_fields__}
     tensors = {f"{k}.{part}": t.contiguous() for k, v in values.items() if _is_table(v) for part, t in v.items()}
     rest = {k: v for k, v in values.items() if not _is_table(v)}
-    save_file(tensors, str(path), metadata={"class": type(obj).__name__, "fields": json.dumps(rest)})
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"class": type(obj).__name__, "fields": json.dumps(rest)})
     return path
 
 

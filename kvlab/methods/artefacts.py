@@ -8,15 +8,13 @@ for the model and options at hand, and never hands a user tensors fitted to anot
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
+
+from ..atomic import atomic_path
 
 FORMAT_VERSION = 1
 
@@ -94,29 +92,6 @@ def write(path: str | Path, method_name: str, tensors: dict[str, torch.Tensor], 
         with atomic_path(path.with_suffix(".json")) as tmp_json:
             tmp_json.write_text(json.dumps(_jsonable(record), indent=1) + "\n")
     return path
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` to write to; renamed onto ``path`` when the block ends without error,
-    removed otherwise. Used by every artefact writer (tensors, records, result JSON, CSV)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-    return Path(path)
 
 
 def header(path: str | Path) -> dict:
