@@ -196,22 +196,8 @@ def test_the_four_cases_of_issue_17(sandbox):
 
 
 @pytest.fixture(scope="module")
-def model_folder(tmp_path_factory):
-    """A tiny Llama with the bundled tokenizer (vocab of SmolLM2), saved as a model folder: loads in a second."""
-    from kvlab.models import converted_model_dir, tiny_model
-
-    tokenizer_dir = Path.home() / ".cache" / "kvlab" / "models" / "smollm2"
-    try:
-        tokenizer_dir = converted_model_dir("smollm2")
-    except Exception:  # noqa: BLE001 - no fetched data: skip
-        pass
-    if not (tokenizer_dir / "tokenizer.json").exists():
-        pytest.skip("needs the fetched SmolLM2 tokenizer")
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama", n_layers=2, vocab_size=49152).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_dir / name, folder / name)
-    return folder
+def model_folder(tiny_model_folder):
+    return tiny_model_folder
 
 
 @pytest.fixture(scope="module")
