@@ -10,6 +10,7 @@ import difflib
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -214,12 +215,57 @@ def converted_model_dir(name: str) -> Path:
 
     out = data_dir() / "models" / name
     if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
-        return out
+        problem = _converted_problem(out)
+        if problem is None:
+            return out
+        print(f"kvlab: the converted model {out} {problem}; converting it again", file=sys.stderr, flush=True)
     ggufs = sorted(artifact_path(BUNDLED[name]).rglob("*.gguf"))
     if len(ggufs) != 1:
         raise FileNotFoundError(f"expected one .gguf file for {name} under {artifact_path(BUNDLED[name])}, found {ggufs}")
     _convert_gguf(ggufs[0], out)
+    _write_converted_stamp(out)
     return out
+
+
+CONVERTED_STAMP = ".kvlab-converted.json"
+
+
+def _converted_problem(folder: Path) -> str | None:
+    """What is wrong with a converted model folder, or None. With a stamp (written by the conversion): size and mtime
+    as recorded, else the sha256 must match; without one (converted by an older kvlab): a complete safetensors file."""
+    import json
+
+    from .data.fetch import _sha256
+
+    weights = folder / "model.safetensors"
+    try:
+        stamp = json.loads((folder / CONVERTED_STAMP).read_text())
+    except (OSError, ValueError):
+        stamp = None
+    if stamp is None:
+        try:
+            _check_safetensors(weights)
+        except ValueError:
+            return "is not a complete safetensors file (corrupt or cut short)"
+        return None
+    st = weights.stat()
+    if stamp.get("size") == st.st_size and stamp.get("mtime_ns") == st.st_mtime_ns:
+        return None
+    if stamp.get("size") != st.st_size or _sha256(weights) != stamp.get("sha256"):
+        return "failed its checksum (changed since it was converted)"
+    return None
+
+
+def _write_converted_stamp(folder: Path) -> None:
+    import json
+
+    from .atomic import write_text
+    from .data.fetch import _sha256
+
+    weights = folder / "model.safetensors"
+    st = weights.stat()
+    write_text(folder / CONVERTED_STAMP, json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                                      "sha256": _sha256(weights)}) + "\n")
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
