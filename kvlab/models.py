@@ -211,20 +211,30 @@ def load_spec(folder) -> "ModelSpec":
 
 def converted_model_dir(name: str) -> Path:
     """Folder of the bundled model ``name`` as fp32 safetensors, converting from its GGUF on first use."""
-    from .data.fetch import artifact_path, data_dir
+    from .data.fetch import _lock, artifact_path, data_dir
 
     out = data_dir() / "models" / name
-    if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
-        problem = _converted_problem(out)
-        if problem is None:
-            return out
-        print(f"kvlab: the converted model {out} {problem}; converting it again", file=sys.stderr, flush=True)
+    if _converted_ok(out, report=False):
+        return out
     ggufs = sorted(artifact_path(BUNDLED[name]).rglob("*.gguf"))
     if len(ggufs) != 1:
         raise FileNotFoundError(f"expected one .gguf file for {name} under {artifact_path(BUNDLED[name])}, found {ggufs}")
-    _convert_gguf(ggufs[0], out)
-    _write_converted_stamp(out)
+    # One conversion at a time per model: notebooks of a fresh `make report` start together and would each convert.
+    with _lock(f"convert-{name}"):
+        if _converted_ok(out, report=True):  # another process converted it while we waited, or it is fine
+            return out
+        _convert_gguf(ggufs[0], out)
+        _write_converted_stamp(out)
     return out
+
+
+def _converted_ok(out: Path, report: bool) -> bool:
+    if not ((out / "model.safetensors").exists() and (out / "tokenizer.json").exists()):
+        return False
+    problem = _converted_problem(out)
+    if problem is not None and report:
+        print(f"kvlab: the converted model {out} {problem}; converting it again", file=sys.stderr, flush=True)
+    return problem is None
 
 
 CONVERTED_STAMP = ".kvlab-converted.json"
