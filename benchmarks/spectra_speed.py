@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--sinks", type=int, default=4, help="positions kept apart (spectra with and without them)")
     parser.add_argument("--repeats", type=int, default=1, help="runs; the fastest is reported")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="dtype of the forward passes (bfloat16: opt-in, faster, bf16 rounding)")
     parser.add_argument("--json", help="also write the timings here")
     args = parser.parse_args(argv)
 
@@ -39,19 +41,19 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.repeats):
         tic = time.perf_counter()
         moments, seconds = accumulate_moments(model, ids, batch_size=args.batch_size, parts=PARTS,
-                                              skip_first=(0, 1, args.sinks))
+                                              skip_first=(0, 1, args.sinks), dtype=getattr(torch, args.dtype))
         spectra = Spectra.from_moments(combine(moments, args.sinks), skip_first=args.sinks)
         seconds = {**seconds, "eigh": spectra.seconds["eigh"], "total": time.perf_counter() - tic}
         runs.append(seconds)
     best = min(runs, key=lambda s: s["total"])
     pairs = spec.n_layers * spec.n_kv_heads
-    record = {"model": args.model, "pairs": pairs, "tokens": ids.numel(), "threads": torch.get_num_threads(),
+    record = {"model": args.model, "dtype": args.dtype, "pairs": pairs, "tokens": ids.numel(), "threads": torch.get_num_threads(),
               "repeats": args.repeats, "seconds": {k: round(v, 2) for k, v in best.items()},
               "rank90_keys": round(float(spectra.rank_for_energy("keys", 0.9).float().mean()), 2),
               "rank90_keys_pre": round(float(spectra.rank_for_energy("keys_pre", 0.9).float().mean()), 2),
               "rank90_values": round(float(spectra.rank_for_energy("values", 0.9).float().mean()), 2)}
     print(f"spectra of {pairs} (layer, kv head) pairs over {ids.shape[0]} x {ids.shape[1]} = {ids.numel():,} tokens, "
-          f"{record['threads']} thread(s): {best['total']:.1f} s "
+          f"{record['threads']} thread(s), {args.dtype}: {best['total']:.1f} s "
           f"(forward {best['forward']:.1f} s, accumulate {best['accumulate']:.1f} s, eigh {best['eigh']:.2f} s)")
     print(json.dumps(record))
     if args.json:
