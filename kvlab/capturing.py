@@ -35,10 +35,14 @@ class Capture:
     probs: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
+class _StopForward(Exception):
+    """Raised by the last recording layer: nothing after it (later layers, final norm, LM head) is needed."""
+
+
 class _RecordingLayer(FullLayer):
-    def __init__(self, layer_idx: int, capture: Capture, what: set[str]):
+    def __init__(self, layer_idx: int, capture: Capture, what: set[str], last: bool = False):
         super().__init__(layer_idx)
-        self.capture, self.what = capture, what
+        self.capture, self.what, self.last = capture, what, last
 
     def attend(self, query, key, value, mask, *, scaling, **kwargs):
         c, i = self.capture, self.layer_idx
@@ -50,6 +54,8 @@ class _RecordingLayer(FullLayer):
             c.queries[i] = query.detach().clone()
         if "probs" in self.what:
             c.probs[i] = attention_probs(query, key, mask, scaling)
+        if self.last:
+            raise _StopForward
         return super().attend(query, key, value, mask, scaling=scaling, **kwargs)
 
 
@@ -109,8 +115,11 @@ def capture(
     post = wanted - {"keys_pre"}
     if "keys_pre" in wanted and not spec.rope:
         post.add("keys")
+    # The forward stops right after the last requested layer has been recorded: the layers above it, the final norm
+    # and the LM head (a fifth of SmolLM2's compute per token) would only be thrown away.
+    stop = max(layers, default=spec.n_layers - 1)
     cache = KVLabCache([
-        _RecordingLayer(i, result, post if i in layers else set()) for i in range(spec.n_layers)
+        _RecordingLayer(i, result, post if i in layers else set(), last=i == stop) for i in range(spec.n_layers)
     ])
     hooks = []
     if "keys_pre" in wanted and spec.rope:
@@ -123,6 +132,8 @@ def capture(
         with attention.attach(model):
             model(input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache,
                   use_cache=True)
+    except _StopForward:
+        pass
     finally:
         for h in hooks:
             h.remove()

@@ -8,6 +8,9 @@ import json
 import sys
 from pathlib import Path
 
+from . import atomic
+from .cliargs import Float, Int, IntList, Model, Names, Options, OutDir, OutFile
+
 
 class UsageError(Exception):
     """Wrong names, budgets or options given on the command line."""
@@ -46,15 +49,9 @@ def cmd_fetch(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from transformers import AutoConfig
+    from .models import load_spec, resolve_model
 
-    from .models import BUNDLED, ModelSpec, converted_model_dir
-
-    folder = converted_model_dir(args.model) if args.model in BUNDLED else args.model
-    try:
-        spec = ModelSpec.from_config(AutoConfig.from_pretrained(folder))
-    except ValueError as e:
-        raise UsageError(str(e)) from e
+    spec = load_spec(resolve_model(args.model))
     if args.json:
         print(json.dumps(spec.to_dict(), indent=2))
     else:
@@ -102,22 +99,20 @@ def cmd_eval(args) -> int:
     result["model"] = args.model
     text = json.dumps(result, indent=2)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
+        atomic.write_text(args.json, text + "\n")
     print(text)
     return 0
 
 
 def _method(args, **forced):
     from . import methods
+    from .methods import options as method_options
 
-    options = parse_options(args.opt)
-    if "from" in options:  # `--opt from=DIR`: where a fitted method's tensors come from
-        options["source"] = options.pop("from")
-    try:
-        return methods.get(args.method, args.budget, **{**options, **forced})
-    except (ValueError, TypeError) as e:
-        raise UsageError(str(e)) from e
+    if args.method not in methods.REGISTRY:
+        methods.get(args.method)  # the unknown-method message
+    # `--opt from=DIR`: where a fitted method's tensors come from; values typed and checked against the fields
+    options = method_options.parse(methods.REGISTRY[args.method], args.opt, aliases={"from": "source"})
+    return methods.get(args.method, args.budget, **{**options, **forced})
 
 
 def cmd_fit(args) -> int:
@@ -180,20 +175,10 @@ def _bundled():
     return BUNDLED
 
 
-def _ints(csv: str, what: str) -> list[int]:
-    try:
-        values = [int(x) for x in _split(csv)]
-    except ValueError:
-        raise UsageError(f"{what} takes comma-separated integers, got {csv!r}") from None
-    if not values:
-        raise UsageError(f"{what} is empty")
-    return values
-
-
 def cmd_bench_decode(args) -> int:
     from . import methods as registry
 
-    contexts = _ints(args.contexts, "--contexts")
+    contexts = list(args.contexts)  # cliargs.IntList: integers >= 2
     if any(c < 2 for c in contexts):
         raise UsageError(f"--contexts must be token counts >= 2, got {contexts}")
     names = _split(args.methods)
@@ -227,12 +212,11 @@ def cmd_bench_decode(args) -> int:
         raise UsageError(str(e)) from e
     name = args.model if args.model in _bundled() else Path(args.model).name
     csv = bench.results_path(name, args.budget, contexts, args.new_tokens, args.out)
-    csv.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(csv, index=False)
+    with atomic.atomic_path(csv) as tmp:
+        table.to_csv(tmp, index=False)
     if args.json:
         record = {"conditions": bench.conditions(name), "rows": table.to_dict(orient="records")}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+        atomic.write_text(args.json, json.dumps(record, indent=2) + "\n")
     import pandas as pd
 
     with pd.option_context("display.width", 200, "display.max_columns", None):
@@ -264,77 +248,121 @@ def cmd_report(args) -> int:
     return 0
 
 
+FRACTION = Float(0.0, 1.0, low_open=True)
+
+
+def _artifacts() -> tuple[str, ...]:
+    from .data.fetch import artifact_names
+
+    return artifact_names()
+
+
+def _method_names() -> list[str]:
+    from .methods import REGISTRY
+
+    return sorted(REGISTRY)
+
+
+def _task_names() -> tuple[str, ...]:
+    from .data import TASKS
+
+    return TASKS + ("needle", "longqa")
+
+
+def _notebook_names() -> list[str]:
+    from .report import discover_notebooks, repo_root
+
+    stems = [p.stem for p in discover_notebooks(repo_root() / "notebooks")]
+    return stems + [s.split("_", 1)[0] for s in stems]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvlab", description="KV-cache compression laboratory")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fetch", help="download and verify the bundled model and data (idempotent)")
-    p.add_argument("names", nargs="*", help="artifacts to fetch (default: smollm2 tasks text longctx)")
+    p.add_argument("names", nargs="*", type=Names(_artifacts, "artifact", many=False),
+                   help="artifacts to fetch (default: smollm2 tasks text longctx)")
     p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("info", help="print a model's attention geometry (ModelSpec)")
-    p.add_argument("--model", default="smollm2")
+    p.add_argument("--model", default="smollm2", type=Model())
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("eval", help="evaluate a method: zero-shot tasks, long-context tasks, perplexity, bytes")
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--method", default="full", help="none (plain HF model), full (kvlab cache at 100%%), ...")
-    p.add_argument("--budget", type=float, default=None, help="fraction of the full cache's bytes kept, in (0, 1]")
-    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
-    p.add_argument("--tasks", help="comma-separated: piqa,winogrande,...,needle,longqa")
-    p.add_argument("--ppl", help="comma-separated corpora: wiki,c4")
-    p.add_argument("--limit", type=int, help="items per task / perplexity chunks (seeded subset)")
-    p.add_argument("--context-len", type=int, default=2048, help="tokens of context for needle/longqa")
+    p.set_defaults(example=["--ppl", "wiki", "--limit", "1"])  # a valid minimal command (tests/test_cli_matrix.py)
+    p.add_argument("--model", default="smollm2", type=Model())
+    p.add_argument("--method", default="full", type=Names(_method_names, "method", many=False),
+                   help="none (plain HF model), full (kvlab cache at 100%%), ...")
+    p.add_argument("--budget", type=FRACTION, default=None, help="fraction of the full cache's bytes kept, in (0, 1]")
+    p.add_argument("--opt", action="append", default=[], type=Options(), metavar="KEY=VALUE",
+                   help="method option (repeatable)")
+    p.add_argument("--tasks", type=Names(_task_names, "task"), help="comma-separated: piqa,winogrande,...,needle,longqa")
+    p.add_argument("--ppl", type=Names(lambda: ("wiki", "c4"), "corpus"), help="comma-separated corpora: wiki,c4")
+    p.add_argument("--limit", type=Int(1), help="items per task / perplexity chunks (seeded subset)")
+    p.add_argument("--context-len", type=Int(16, 1 << 20, example=512), default=2048,
+                   help="tokens of context for needle/longqa")
     p.add_argument("--protocol", choices=("throughout", "context"), default=None,
                    help="perplexity/zero-shot protocol: compressed attention throughout, or compress the context then "
                         "continue (default: the method's first supported; token eviction supports only context)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fewshot", type=int, default=0,
+    p.add_argument("--seed", type=Int(0, 2**32 - 1), default=0)
+    p.add_argument("--fewshot", type=Int(0, 64), default=0,
                    help="solved examples before each zero-shot item (drawn from validation items not evaluated)")
-    p.add_argument("--json", help="also write the result JSON here")
+    p.add_argument("--json", type=OutFile(), help="also write the result JSON here")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("fit", help="fit a method (PCA bases, MatryoshkaKV, KV-CAR, reuse, Attention-Gate) and save it as safetensors + JSON")
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--method", required=True, help="a method with save(); a wrong name lists them")
-    p.add_argument("--budget", type=float, default=None, help="the method's budget (ranks for schedule=fixed)")
-    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
+    p.add_argument("--model", default="smollm2", type=Model())
+    p.add_argument("--method", required=True, type=Names(_method_names, "method", many=False, example="pca"),
+                   help="a method with save(); a wrong name lists them")
+    p.add_argument("--budget", type=FRACTION, default=None, help="the method's budget (ranks for schedule=fixed)")
+    p.add_argument("--opt", action="append", default=[], type=Options(), metavar="KEY=VALUE",
+                   help="method option (repeatable)")
     p.add_argument("--search", action="store_true", help="also measure the rank sensitivity for allocation=searched")
-    p.add_argument("--eval-chunks", type=int, default=8, help="wiki eval chunks for the record's perplexities (0: none)")
-    p.add_argument("--out", required=True, help="directory; writes DIR/<model>.safetensors and DIR/<model>.json")
+    p.add_argument("--eval-chunks", type=Int(0, 10_000), default=8,
+                   help="wiki eval chunks for the record's perplexities (0: none)")
+    p.add_argument("--out", required=True, type=OutDir(forbid_suffix=".safetensors"),
+                   help="directory; writes DIR/<model>.safetensors and DIR/<model>.json")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("bench", help="benchmarks (decode: CPU decode speed of each method's cache)")
     bench = p.add_subparsers(dest="bench", required=True)
     p = bench.add_parser("decode", help="tokens/s of greedy decoding after a prefill, ratio to 'none', bytes bound")
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--contexts", default="512,4096", help="comma-separated context lengths (tokens of wiki text)")
-    p.add_argument("--methods", default="none,full,streaming,pca",
+    p.add_argument("--model", default="smollm2", type=Model())
+    p.add_argument("--contexts", default="512,4096", type=IntList(2, 1 << 20),
+                   help="comma-separated context lengths (tokens of wiki text)")
+    p.add_argument("--methods", default="none,full,streaming,pca", type=Names(_method_names, "method"),
                    help="comma-separated methods; 'none' (the plain model, every ratio's baseline) is added if missing")
-    p.add_argument("--budget", type=float, default=0.5, help="budget of the compressing methods, in (0, 1]")
-    p.add_argument("--new-tokens", type=int, default=32, help="tokens decoded (timed) per run")
-    p.add_argument("--repeats", type=int, default=3, help="runs per method, interleaved; medians are reported")
-    p.add_argument("--out", default=None, help="folder of the CSV (default data/results/decode/)")
-    p.add_argument("--json", help="also write the rows and the conditions here")
+    p.add_argument("--budget", type=FRACTION, default=0.5, help="budget of the compressing methods, in (0, 1]")
+    p.add_argument("--new-tokens", type=Int(1, 1 << 16), default=32, help="tokens decoded (timed) per run")
+    p.add_argument("--repeats", type=Int(1, 1000), default=3, help="runs per method, interleaved; medians are reported")
+    p.add_argument("--out", default=None, type=OutDir(), help="folder of the CSV (default data/results/decode/)")
+    p.add_argument("--json", type=OutFile(), help="also write the rows and the conditions here")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.set_defaults(func=cmd_bench_decode)
 
     p = sub.add_parser("report", help="execute every notebook and write reports/index.html")
     p.add_argument("--quick", action="store_true", help="notebooks in QUICK mode")
-    p.add_argument("--jobs", type=int, default=None,
+    p.add_argument("--jobs", type=Int(1, 256), default=None,
                    help="notebooks run at a time, each kernel with cpu_count // jobs threads (default: min(2, cpu count))")
-    p.add_argument("--only", default=None, metavar="NAMES",
+    p.add_argument("--only", default=None, metavar="NAMES", type=Names(_notebook_names, "notebook"),
                    help="comma-separated notebooks to run, by stem or number, e.g. 01,03_layer_similarity_reuse")
     p.set_defaults(func=cmd_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: exit 2 with its message on bad usage (0 for --help)
+        if e.code == 2:
+            return 2
+        raise
     try:
         return args.func(args)
-    except UsageError as e:
+    except (UsageError, ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        # the Python API raises ValueError / FileNotFoundError with messages that say what is allowed: exit 2
         command = " ".join(filter(None, (args.command, getattr(args, "bench", None))))
         print(f"kvlab {command}: error: {e}", file=sys.stderr)
         return 2

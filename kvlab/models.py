@@ -6,8 +6,11 @@ sliding-window layers) for the supported architectures.
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -83,40 +86,196 @@ def load_model(name_or_path: str = "smollm2", *, dtype: torch.dtype = torch.floa
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if name_or_path in BUNDLED:
-        folder = converted_model_dir(name_or_path)
-    elif Path(name_or_path).exists():
-        folder = Path(name_or_path)
-        if not (folder / "config.json").exists():
-            raise FileNotFoundError(f"{folder} is not a Hugging Face model folder (no config.json)")
-    elif "/" in name_or_path:
-        folder = name_or_path  # a hub id: needs internet (or the HF cache)
-    else:
-        raise ValueError(
-            f"unknown model {name_or_path!r}: use one of {', '.join(BUNDLED)}, a local model folder or a hub id 'org/name'"
-        )
-    from transformers import AutoConfig
-
-    ModelSpec.from_config(AutoConfig.from_pretrained(folder))  # fail early and clearly on unsupported archs
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    folder = resolve_model(name_or_path)
+    load_spec(folder)  # fail early and clearly on unsupported archs or a broken config
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, RuntimeError) as e:  # corrupt weights, a missing tokenizer, a hub error
+        if isinstance(folder, str):
+            raise ValueError(f"model {name_or_path!r} is not a bundled model ({', '.join(BUNDLED)}), not a folder, "
+                             f"and the hub could not serve it ({type(e).__name__}: {e})") from None
+        raise ValueError(f"could not load model {name_or_path!r} from {folder}: {type(e).__name__}: {e}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def resolve_model(name_or_path) -> Path | str:
+    """Where model ``name_or_path`` loads from: a bundled name (-> its converted folder), a local Hugging Face model
+    folder, or a hub id (returned as is; needs the hub or the local HF cache). ValueError / FileNotFoundError say which
+    of the three it is not, and whether the hub is reachable."""
+    name = str(name_or_path) if isinstance(name_or_path, (str, os.PathLike)) else None
+    bundled = ", ".join(BUNDLED)
+    if not name or not name.strip():
+        raise ValueError(f"no model given: use a bundled model ({bundled}), a local model folder or a hub id 'org/name'")
+    if name in BUNDLED:
+        return converted_model_dir(name)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"model {name!r} is a file, not a Hugging Face model folder (a folder with config.json)")
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
+        for weights in sorted(path.glob("*.safetensors")):  # a header read each: cheap, and catches a cut download
+            _check_safetensors(weights)
+        return path
+    close = difflib.get_close_matches(name, BUNDLED, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    if name.startswith(("/", ".", "~")) or name.endswith("/") or os.sep + os.sep in name or name.count("/") > 1:
+        raise FileNotFoundError(f"model folder {name} does not exist (models: a bundled name ({bundled}), a local "
+                                f"model folder or a hub id 'org/name'){hint}")
+    if not _HUB_ID.fullmatch(name):
+        raise ValueError(f"model {name!r} is not a bundled model ({bundled}), not a folder, and not a valid hub id "
+                         f"'org/name'{hint}")
+    if _in_hf_cache(name):
+        return name
+    unreachable = hub_unreachable()
+    if unreachable:
+        raise ValueError(f"model {name!r} is not a bundled model ({bundled}), not a folder, and the hub is "
+                         f"unreachable ({unreachable}){hint}")
+    return name
+
+
+def _check_safetensors(path: Path) -> None:
+    """ValueError unless ``path`` is a safetensors file whose header parses and whose data is all there."""
+    import json
+    import struct
+
+    try:
+        with path.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n)) if n < 100_000_000 else None
+        ends = [v["data_offsets"][1] for k, v in (header or {}).items() if k != "__metadata__"]
+        complete = header is not None and path.stat().st_size >= 8 + n + max(ends, default=0)
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError):
+        complete = False
+    if not complete:
+        raise ValueError(f"{path} is not a complete safetensors file (corrupt or cut short): fetch or save the model "
+                         "again")
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id the hub library rejects is simply not cached
+        return False
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached (offline mode set, or no connection within ``timeout`` s), or None."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{var} is set"
+    import socket
+    import threading
+
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    result: list = []
+
+    def probe():
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            result.append(None)
+        except OSError as e:
+            result.append(f"cannot connect to {host}: {e}")
+
+    thread = threading.Thread(target=probe, daemon=True)  # DNS lookups ignore the socket timeout
+    thread.start()
+    thread.join(timeout)
+    return result[0] if result else f"no answer from {host} within {timeout:g} s"
+
+
+def load_spec(folder) -> "ModelSpec":
+    """The ModelSpec of the model at ``folder`` (or hub id) from its config; ValueError if unreadable/unsupported."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:  # a truncated config.json, an unknown model_type, a hub error
+        if isinstance(folder, str):
+            raise ValueError(f"model {folder!r} is not a bundled model ({', '.join(BUNDLED)}), not a folder, and the "
+                             f"hub could not serve it ({type(e).__name__}: {e})") from None
+        raise ValueError(f"could not read the model config of {folder}: {type(e).__name__}: {e}") from None
+    return ModelSpec.from_config(config)
+
+
 def converted_model_dir(name: str) -> Path:
     """Folder of the bundled model ``name`` as fp32 safetensors, converting from its GGUF on first use."""
-    from .data.fetch import artifact_path, data_dir
+    from .data.fetch import _lock, artifact_path, data_dir
 
     out = data_dir() / "models" / name
-    if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
+    if _converted_ok(out, report=False):
         return out
     ggufs = sorted(artifact_path(BUNDLED[name]).rglob("*.gguf"))
     if len(ggufs) != 1:
         raise FileNotFoundError(f"expected one .gguf file for {name} under {artifact_path(BUNDLED[name])}, found {ggufs}")
-    _convert_gguf(ggufs[0], out)
+    # One conversion at a time per model: notebooks of a fresh `make report` start together and would each convert.
+    with _lock(f"convert-{name}"):
+        if _converted_ok(out, report=True):  # another process converted it while we waited, or it is fine
+            return out
+        _convert_gguf(ggufs[0], out)
+        _write_converted_stamp(out)
     return out
+
+
+def _converted_ok(out: Path, report: bool) -> bool:
+    if not ((out / "model.safetensors").exists() and (out / "tokenizer.json").exists()):
+        return False
+    problem = _converted_problem(out)
+    if problem is not None and report:
+        print(f"kvlab: the converted model {out} {problem}; converting it again", file=sys.stderr, flush=True)
+    return problem is None
+
+
+CONVERTED_STAMP = ".kvlab-converted.json"
+
+
+def _converted_problem(folder: Path) -> str | None:
+    """What is wrong with a converted model folder, or None. With a stamp (written by the conversion): size and mtime
+    as recorded, else the sha256 must match; without one (converted by an older kvlab): a complete safetensors file."""
+    import json
+
+    from .data.fetch import _sha256
+
+    weights = folder / "model.safetensors"
+    try:
+        stamp = json.loads((folder / CONVERTED_STAMP).read_text())
+    except (OSError, ValueError):
+        stamp = None
+    if stamp is None:
+        try:
+            _check_safetensors(weights)
+        except ValueError:
+            return "is not a complete safetensors file (corrupt or cut short)"
+        return None
+    st = weights.stat()
+    if stamp.get("size") == st.st_size and stamp.get("mtime_ns") == st.st_mtime_ns:
+        return None
+    if stamp.get("size") != st.st_size or _sha256(weights) != stamp.get("sha256"):
+        return "failed its checksum (changed since it was converted)"
+    return None
+
+
+def _write_converted_stamp(folder: Path) -> None:
+    import json
+
+    from .atomic import write_text
+    from .data.fetch import _sha256
+
+    weights = folder / "model.safetensors"
+    st = weights.stat()
+    write_text(folder / CONVERTED_STAMP, json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                                      "sha256": _sha256(weights)}) + "\n")
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kvlab.atomic import atomic_path
 from kvlab.report import _check_name, figures_dir, notebook_name
 
 if TYPE_CHECKING:
@@ -72,7 +73,8 @@ def savefig(fig: Figure, name: str, *, notebook: str | None = None) -> Path:
     for fmt in FIGURE_FORMATS:
         # CreationDate=None keeps PDFs byte-identical across runs
         metadata = {"CreationDate": None} if fmt == "pdf" else None
-        fig.savefig(folder / f"{name}.{fmt}", format=fmt, bbox_inches="tight", metadata=metadata)
+        with atomic_path(folder / f"{name}.{fmt}") as tmp:
+            fig.savefig(tmp, format=fmt, bbox_inches="tight", metadata=metadata)
     return folder / f"{name}.png"
 
 

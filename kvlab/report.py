@@ -73,6 +73,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import atomic
+
 if TYPE_CHECKING:  # heavy imports only for type checkers
     from nbformat import NotebookNode
 
@@ -222,9 +224,7 @@ def save_results(results: Mapping[str, Any], *, notebook: str | None = None) -> 
     text = json.dumps(data, indent=2, default=_to_jsonable)
     path = results_dir() / f"{notebook_name(notebook)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic.write_text(path, text + "\n")  # a per-process temp name: parallel notebooks never share one
     return path
 
 
@@ -481,7 +481,7 @@ def _write_outputs(nb: NotebookNode, out_dir: Path, name: str, title: str,
     body, _ = HTMLExporter(template_name="lab").from_notebook_node(
         shown, resources={"metadata": {"name": title}})
     page = out_dir / f"{name}.html"
-    page.write_text(body, encoding="utf-8")
+    atomic.write_text(page, body)
     return ipynb, page
 
 
@@ -896,7 +896,7 @@ def _write_index(out_dir: Path, runs: list[NotebookRun], *, quick: bool, title: 
         "ok": all(r.ok for r in runs), "failed": [r.name for r in runs if not r.ok],
         "notebooks": records,
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    atomic.write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     template = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string(
         _INDEX_TEMPLATE)
     shown_env = {"date": date, **environment}
@@ -905,7 +905,7 @@ def _write_index(out_dir: Path, runs: list[NotebookRun], *, quick: bool, title: 
                            n_ok=sum(r.ok for r in runs), total_seconds=summary["total_seconds"],
                            wall_seconds=summary["wall_seconds"])
     index = out_dir / "index.html"
-    index.write_text(page, encoding="utf-8")
+    atomic.write_text(index, page)
     return index
 
 

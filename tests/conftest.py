@@ -31,3 +31,23 @@ def left_padded_batch(vocab: int, lengths: list[int], seed: int = 0):
         ids[row, total - n:] = torch.randint(3, vocab, (n,), generator=g)
         mask[row, total - n:] = 1
     return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(tmp_path_factory):
+    """A tiny random Llama (2 layers) with the bundled SmolLM2 tokenizer, saved as a model folder: `--model DIR`
+    loads it in a second. Skips without the fetched tokenizer."""
+    import shutil
+    from pathlib import Path
+
+    from kvlab.data.fetch import data_dir
+    from kvlab.models import tiny_model
+
+    tokenizer_dir = data_dir() / "models" / "smollm2"
+    if not (tokenizer_dir / "tokenizer.json").exists():
+        pytest.skip("needs the fetched SmolLM2 tokenizer (kvlab fetch)")
+    folder = Path(tmp_path_factory.mktemp("tiny-llama"))
+    tiny_model("llama", n_layers=2, vocab_size=49152).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, folder / name)
+    return folder

@@ -350,7 +350,7 @@ def test_an_artefact_given_by_path_brings_its_fit_options(tmp_path):
     (dict(selection="random"), "selection must be one of topk, threshold"),
     (dict(sinks=-1), "sinks must be an int >= 0"),
     (dict(local=0), "local must be an int >= 1"),
-    (dict(local=2.5), "local must be an int >= 1"),
+    (dict(local=2.5), "local takes an integer, got 2.5"),
     (dict(hidden=-3), "hidden must be an int >= 0"),
     (dict(target=0.0), r"target must be in \(0, 1\]"),
     (dict(sparsity_weight=-1.0), "sparsity_weight must be a number >= 0"),

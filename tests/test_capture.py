@@ -55,3 +55,26 @@ def test_bad_requests_raise():
         capture(model, torch.ones(1, 3, dtype=torch.long), what=("gradients",))
     with pytest.raises(ValueError, match="out of range"):
         capture(model, torch.ones(1, 3, dtype=torch.long), layers=[7])
+
+
+def test_capture_stops_after_the_last_requested_layer():
+    """Layers above the last requested one (and the LM head) are not run, and what is captured is unchanged."""
+    import kvlab
+
+    model = kvlab.tiny_model("llama", n_layers=4)
+    ids = torch.randint(3, 97, (2, 11))
+    full = kvlab.capture(model, ids, what=("keys", "keys_pre", "values"))
+    ran = []
+    hooks = [layer.mlp.register_forward_hook(lambda m, i, o, k=k: ran.append(k))
+             for k, layer in enumerate(model.model.layers)]
+    hooks.append(model.lm_head.register_forward_hook(lambda m, i, o: ran.append("lm_head")))
+    try:
+        part = kvlab.capture(model, ids, what=("keys", "keys_pre", "values"), layers=[0, 2])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert ran == [0, 1]  # layer 2's attention was recorded, then the forward stopped
+    for name in ("keys", "keys_pre", "values"):
+        assert sorted(getattr(part, name)) == [0, 2]
+        for layer in (0, 2):
+            assert torch.equal(getattr(part, name)[layer], getattr(full, name)[layer])

@@ -7,22 +7,22 @@ from kvlab.cli import main, parse_options
 
 @pytest.mark.parametrize("argv, message", [
     (["eval", "--method", "nope", "--ppl", "wiki"], "unknown method 'nope'"),
-    (["eval", "--method", "pca", "--budget", "0", "--ppl", "wiki"], "--budget must be in (0, 1]"),
-    (["eval", "--method", "pca", "--budget", "1.5", "--ppl", "wiki"], "--budget must be in (0, 1]"),
+    (["eval", "--method", "pca", "--budget", "0", "--ppl", "wiki"], "argument --budget: expected a number in (0, 1], got '0'"),
+    (["eval", "--method", "pca", "--budget", "1.5", "--ppl", "wiki"], "expected a number in (0, 1], got '1.5'"),
     (["eval", "--method", "full", "--budget", "0.5", "--ppl", "wiki"], "budget must be 1.0"),
     (["eval", "--method", "pca", "--opt", "rank=3", "--ppl", "wiki"], "unknown option(s) rank"),
     (["eval", "--method", "pca", "--opt", "sinks", "--ppl", "wiki"], "--opt takes key=value"),
-    (["eval", "--tasks", "piqa,foo"], "unknown task(s) ['foo']"),
+    (["eval", "--tasks", "piqa,foo"], "argument --tasks: unknown task 'foo'"),
     (["eval", "--ppl", "wikitext"], "unknown corpus"),
     (["eval", "--method", "full"], "nothing to evaluate"),
-    (["eval", "--ppl", "wiki", "--limit", "0"], "--limit must be a positive integer"),
-    (["eval", "--tasks", "piqa", "--fewshot", "-1"], "--fewshot must be >= 0"),
+    (["eval", "--ppl", "wiki", "--limit", "0"], "argument --limit: expected an integer >= 1"),
+    (["eval", "--tasks", "piqa", "--fewshot", "-1"], "argument --fewshot: expected an integer >= 0"),
     (["fit", "--method", "full", "--out", "x"], "method 'full' has nothing to fit; fittable methods: attention_gate, kvcar, matryoshka, pca, reuse"),
-    (["fit", "--method", "bogus", "--out", "x"], "method 'bogus' is not a method; fittable methods: attention_gate"),
+    (["fit", "--method", "bogus", "--out", "x"], "argument --method: unknown method 'bogus'; choose method from: "),
     (["eval", "--method", "bogus", "--ppl", "wiki"], "bogus"),
     (["fit", "--method", "reuse", "--search", "--out", "x"], "method 'reuse' has no rank search"),
-    (["fit", "--method", "pca", "--out", "x.safetensors"], "--out is a directory"),
-    (["fit", "--method", "pca", "--budget", "2", "--out", "x"], "--budget must be in (0, 1]"),
+    (["fit", "--method", "pca", "--out", "x.safetensors"], "the artefact is written as DIR/<model>.safetensors"),
+    (["fit", "--method", "pca", "--budget", "2", "--out", "x"], "argument --budget: expected a number in (0, 1]"),
     (["fit", "--method", "matryoshka", "--opt", "schedule=nested", "--out", "x"], "unknown schedule 'nested'"),
     (["eval", "--method", "pca", "--opt", "allocation=best", "--ppl", "wiki"], "allocation must be one of"),
     (["eval", "--method", "h2o", "--budget", "0.5", "--protocol", "throughout", "--ppl", "wiki"],
@@ -34,9 +34,7 @@ def test_bad_input_exits_2_with_a_clear_message(argv, message, capsys):
 
 
 def test_unknown_subcommand_exits_2():
-    with pytest.raises(SystemExit) as exc:
-        main(["frobnicate"])
-    assert exc.value.code == 2
+    assert main(["frobnicate"]) == 2
 
 
 def test_parse_options_types():

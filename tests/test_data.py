@@ -470,3 +470,14 @@ def test_fewshot_examples_are_solved_items_never_evaluated():
     assert with_fewshot(items, 0) == items
     with pytest.raises(ValueError, match="k \\(few-shot examples\\) must be an int >= 0"):
         with_fewshot(items, -1)
+
+
+def test_truncated_file_is_detected_refetched_and_reported(fake_env, capsys):
+    manifest, calls, cache = fake_env
+    fetch(["fake"])
+    target = cache / "fake" / "sub" / "b.bin"
+    target.write_bytes(target.read_bytes()[:100])  # an interrupted copy / cut download
+    capsys.readouterr()
+    fetch(["fake"])
+    assert "fake: sub/b.bin failed its checksum (corrupt or cut short); fetching it again" in capsys.readouterr().err
+    assert target.read_bytes() == FAKE_FILES["fake/data/sub/b.bin"] and len(calls) == 2

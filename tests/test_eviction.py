@@ -310,7 +310,7 @@ def test_decode_eviction_keeps_the_budget(method):
     (lambda: H2O(1.5), r"budget must be in \(0, 1\]"),
     (lambda: SnapKV(-0.2), r"budget must be in \(0, 1\]"),
     (lambda: Streaming(0.5, sinks=-1), "sinks must be an int >= 0"),
-    (lambda: Streaming(0.5, sinks=2.5), "sinks must be an int >= 0"),
+    (lambda: Streaming(0.5, sinks=2.5), "sinks takes an integer, got 2.5"),  # the type check (methods.options)
     (lambda: H2O(0.5, recent_frac=1.2), r"recent_frac must be in \[0, 1\]"),
     (lambda: SnapKV(0.5, window=0), "window must be an int >= 1"),
     (lambda: SnapKV(0.5, kernel=4), "kernel must be odd"),

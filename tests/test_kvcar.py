@@ -135,7 +135,7 @@ def test_budget_and_option_errors_say_what_is_allowed(tmp_path):
         with pytest.raises(ValueError, match="layers must be None or a non-empty list of distinct layer indices"):
             KVCAR(layers=layers)
     for code_dim in (0, 1.0, 1.5, -0.5, True):
-        with pytest.raises(ValueError, match="code_dim must be None, an int >= 1"):
+        with pytest.raises(ValueError, match="code_dim (must be None, an int >= 1|takes an integer or a number or null)"):
             KVCAR(code_dim=code_dim)
     with pytest.raises(ValueError, match="unknown arch 'conv'; allowed: linear, mlp"):
         KVCAR(arch="conv")

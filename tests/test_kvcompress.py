@@ -214,7 +214,7 @@ def test_registry_and_cache_type():
     (dict(window=0), "window must be an int >= 1"),
     (dict(sinks=-1), "sinks must be an int >= 0"),
     (dict(block_size=0), "block_size must be an int >= 1"),
-    (dict(block_size=2.0), "block_size must be an int >= 1"),
+    (dict(block_size=2.0), "block_size takes an integer, got 2.0"),
 ])
 def test_bad_options_raise(options, match):
     with pytest.raises(ValueError, match=match):

@@ -306,7 +306,7 @@ def test_report_cli_rejects_bad_jobs(capsys: pytest.CaptureFixture[str]) -> None
     from kvlab import cli
 
     assert cli.main(["report", "--jobs", "0"]) == 2
-    assert "--jobs must be >= 1" in capsys.readouterr().err
+    assert "argument --jobs: expected an integer >= 1" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- the index page (no kernel)

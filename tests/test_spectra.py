@@ -194,3 +194,16 @@ def test_save_and_load(tmp_path):
     back = Spectra.load(spec.save(tmp_path / "s.safetensors"))
     assert back.parts == spec.parts and back.skip_first == 1 and back.n_tokens == spec.n_tokens
     torch.testing.assert_close(back.eigenvectors["keys"], spec.eigenvectors["keys"])
+
+
+def test_bf16_forward_is_opt_in_and_close():
+    """dtype=bfloat16 runs the forward passes on a bf16 copy (the model itself stays float32); the second moments
+    agree with the float32 ones to bf16 rounding."""
+    model = kvlab.tiny_model("llama")
+    ids = torch.randint(3, 97, (3, 24))
+    exact, _ = accumulate_moments(model, ids, batch_size=2, parts=("keys", "values"))
+    rounded, _ = accumulate_moments(model, ids, batch_size=2, parts=("keys", "values"), dtype=torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.float32
+    for part in ("keys", "values"):
+        a, b = exact[(0, None)][part].matrix(), rounded[(0, None)][part].matrix()
+        assert not torch.equal(a, b) and torch.allclose(a, b, rtol=0.05, atol=0.05 * float(a.abs().max()))

