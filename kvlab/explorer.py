@@ -305,6 +305,7 @@ class Explorer:
         what = {"full": "full cache", **{p: f"projected keys (rank {view.ranks['keys']})" for p in PROJECTION},
                 **{e: "evicted columns zeroed" for e in EVICTION}}[view.method]
         ax.set(xlabel="key position", ylabel="query position", title=f"attention map of the prompt: {what}")
+        ax.grid(False)
         ax = axes[1, 0]
         if view.kept is not None:
             ax.imshow(view.kept.astype(float), cmap="Greens", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
@@ -315,6 +316,7 @@ class Explorer:
             err = np.abs(view.attention - view.full_attention)
             im = ax.imshow(err, cmap="viridis", aspect="auto")
             fig.colorbar(im, ax=ax, label="|p - p_full|")
+            ax.grid(False)
             ax.set(xlabel="key position", ylabel="query position",
                    title=f"attention error vs full (mean total variation {err.sum(-1).mean() / 2:.3f})")
         ax = axes[1, 1]
