@@ -117,6 +117,8 @@ def lab_command(root: str | Path, port: int, *, token: str | None = None, open_b
             f"--MappingKernelManager.default_kernel_name={KERNEL_NAME}"]
     if token is not None:
         argv.append(f"--IdentityProvider.token={token}")
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # containers and CI run as root; Jupyter refuses without this
+        argv.append("--allow-root")
     if not open_browser:
         argv.append("--no-browser")
     return argv + list(extra or [])
