@@ -149,8 +149,13 @@ def run(port: int = DEFAULT_PORT, open_browser: bool = True, notebooks: str | Pa
         print(f"kvlab lab: {message}", file=sys.stderr)
     print(f"kvlab lab: JupyterLab in {root} on http://127.0.0.1:{chosen}/lab (kernel '{KERNEL_NAME}'; Ctrl-C stops "
           "it)", file=sys.stderr)
+    argv = lab_command(root, chosen, open_browser=open_browser)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.name == "posix":  # become the lab process: Ctrl-C and kill reach JupyterLab itself
+        os.execve(argv[0], argv, lab_env())
     try:
-        return subprocess.call(lab_command(root, chosen, open_browser=open_browser), env=lab_env())
+        return subprocess.call(argv, env=lab_env())
     except KeyboardInterrupt:
         return 0
 
