@@ -70,7 +70,7 @@ def lab_server(tmp_path_factory):
     base = tmp_path_factory.mktemp("lab")
     notebooks = base / "notebooks"
     notebooks.mkdir()
-    shutil.copy(ROOT / "jupytext.toml", base / "jupytext.toml")
+    shutil.copy(ROOT / "notebooks" / "jupytext.toml", notebooks / "jupytext.toml")
     for name in ("00_tour.py", "10_explorer.py"):
         text = (ROOT / "notebooks" / name).read_text()
         quick = text.replace("\nQUICK = False\n", "\nQUICK = True\n", 1)
@@ -179,7 +179,8 @@ def test_tour_opens_as_notebook_and_runs(chromium, lab_server):
     # saving keeps the pair: the .py (committed) stays output-free text, the .ipynb (git-ignored) holds the outputs
     _, _, notebooks = lab_server
     before = (notebooks / "00_tour.py").read_text()
-    page.keyboard.press("Control+s")
+    page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^File$")).click()
+    page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Save Python File$")).click()
     deadline = time.monotonic() + 30
     while not (notebooks / "00_tour.ipynb").exists() and time.monotonic() < deadline:
         time.sleep(0.5)
