@@ -31,8 +31,10 @@ RUN_TIMEOUT_MS = 240_000  # one notebook's run-all (the tour in QUICK mode: ~40 
 
 
 def chromium_path() -> str | None:
-    for candidate in (os.environ.get("KVLAB_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
-                      shutil.which("chromium-browser")):
+    """$KVLAB_CHROMIUM if set (only it), else the Debian package's /usr/bin/chromium or a chromium on PATH."""
+    chosen = os.environ.get("KVLAB_CHROMIUM")
+    for candidate in ([chosen] if chosen else ["/usr/bin/chromium", shutil.which("chromium"),
+                                               shutil.which("chromium-browser")]):
         if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
     return None
@@ -48,8 +50,8 @@ def chromium():
     except ImportError:
         reason = "Playwright for Python is not installed (pip install playwright; make setup installs it)"
     if reason is None and exe is None:
-        reason = ("no Chromium at /usr/bin/chromium ($KVLAB_CHROMIUM to point elsewhere): `apt-get install chromium` "
-                  "to run the browser tests")
+        reason = (f"no Chromium at {os.environ.get('KVLAB_CHROMIUM') or '/usr/bin/chromium'} ($KVLAB_CHROMIUM points "
+                  "elsewhere): `apt-get install chromium` to run the browser tests")
     if reason is not None:
         if os.environ.get("KVLAB_REQUIRE_BROWSER") == "1":
             pytest.fail(f"KVLAB_REQUIRE_BROWSER=1 but {reason}")
