@@ -309,6 +309,7 @@ class Explorer:
         ax = axes[1, 0]
         if view.kept is not None:
             ax.imshow(view.kept.astype(float), cmap="Greens", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+            ax.grid(False)
             ax.set(xlabel="prompt position", ylabel="kv head", yticks=range(view.kept.shape[0]),
                    title=f"kept (green) / evicted (white) tokens, layer {view.layer}: {view.kept[view.head].sum()} of "
                          f"{view.kept.shape[1]} in head {view.head}")
