@@ -1,4 +1,4 @@
-"""The ``kvlab`` command line: fetch, info, eval, fit, bench, report. Bad input -> a message on stderr and exit code 2."""
+"""The ``kvlab`` command line: fetch, info, eval, fit, bench, report, lab. Bad input -> a message on stderr and exit code 2."""
 
 from __future__ import annotations
 
@@ -276,6 +276,15 @@ def _notebook_names() -> list[str]:
     return stems + [s.split("_", 1)[0] for s in stems]
 
 
+def cmd_lab(args) -> int:
+    from .lab import run
+
+    try:
+        return run(args.port, open_browser=not args.no_browser)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from e
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvlab", description="KV-cache compression laboratory")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -349,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default=None, metavar="NAMES", type=Names(_notebook_names, "notebook"),
                    help="comma-separated notebooks to run, by stem or number, e.g. 01,03_layer_similarity_reuse")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("lab", help="set up if needed (kvlab kernel, jupytext viewer), then JupyterLab in notebooks/")
+    p.add_argument("--port", type=Int(1, 65535), default=8888, help="a busy port is replaced by a free one (and named)")
+    p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+    p.set_defaults(func=cmd_lab)
     return parser
 
 

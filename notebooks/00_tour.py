@@ -4,6 +4,9 @@
 # Load the bundled model (SmolLM2-135M-Instruct, dequantised to fp32, fully offline), look at the shapes and the
 # bytes of its KV cache, check that kvlab's own cache and attention reproduce the plain model exactly, and run a
 # tiny evaluation through the same harness every compression method uses.
+#
+# Next, to look at one head under any method interactively: the explorer, `notebooks/10_explorer.py` (widgets for
+# model, method, budget, layer and kv head; run `make lab` and double-click it).
 
 # %% tags=["parameters"]
 QUICK = False

@@ -358,11 +358,33 @@ def check_08_composition(results: dict) -> None:
     assert set(results["target"]) >= {"composition_acc", "keeps_share", "beats_every_single", "best_single"}
 
 
+def check_10_explorer(results: dict) -> None:
+    assert results["quick"] is True and results["key_figure"] == "explorer.png"
+    assert results["prompt_tokens"] == 128 and results["ppl_tokens"] == 256
+    view = results["selection"]  # the static rendering: pca at 0.5, layer 15, kv head 0
+    assert (view["method"], view["budget"], view["layer"], view["head"]) == ("pca", 0.5, 15, 0)
+    assert view["ranks"] == {"keys": 32, "values": 32}
+    assert 0.0 < view["attention_error"] < 1.0
+    rows = {(r["method"], r["budget"]): r for r in results["table"]}
+    assert set(rows) == {("full", 1.0), ("pca", 0.5), ("pca", 0.25), ("h2o", 0.5), ("h2o", 0.25)}
+    assert rows[("full", 1.0)]["bytes_ratio"] == 1.0 and rows[("full", 1.0)]["ppl_ratio"] == 1.0
+    assert rows[("pca", 0.5)]["ppl"] == pytest.approx(view["ppl"])
+    for name in ("pca", "h2o"):
+        for b in (0.5, 0.25):  # measured bytes: the budget
+            r = rows[(name, b)]
+            assert r["theoretical_ratio"] <= r["bytes_ratio"] <= r["theoretical_ratio"] * 1.01
+            assert b <= r["theoretical_ratio"] <= b + 4 / 128 + 1e-9  # pca: + full-rank copies of 4 sinks
+        assert rows[(name, 0.25)]["bytes_ratio"] < rows[(name, 0.5)]["bytes_ratio"]
+    # projected keys cost perplexity, more at the smaller budget; eviction is scored under its own protocol
+    assert 1.0 < rows[("pca", 0.5)]["ppl_ratio"] < rows[("pca", 0.25)]["ppl_ratio"]
+    assert rows[("h2o", 0.5)]["protocol"] == "context" and rows[("pca", 0.5)]["protocol"] == "throughout"
+
+
 CHECKS = {"00_tour": check_00_tour, "01_kv_spectra": check_01_kv_spectra, "02_pca_vs_trained": check_02_pca_vs_trained,
           "03_layer_similarity_reuse": check_03_layer_similarity_reuse,
           "04_attention_score_bias": check_04_attention_score_bias, "05_paged_eviction": check_05_paged_eviction,
           "06_kernels": check_06_kernels, "07_paper_results": check_07_paper_results,
-          "08_composition": check_08_composition}
+          "08_composition": check_08_composition, "10_explorer": check_10_explorer}
 
 
 def test_every_notebook_has_checks():
