@@ -12,6 +12,7 @@ Importing kvlab has no side effects and is cheap: submodules (and torch/transfor
 is fetched or registered until asked.
 """
 
+import pkgutil
 from importlib import import_module
 
 __version__ = "0.1.0"
@@ -21,9 +22,7 @@ _LAZY = {
     "KVLayer": "cache", "Capture": "capturing", "capture": "capturing", "ModelSpec": "models", "load_model": "models",
     "tiny_model": "models",
 }
-_SUBMODULES = {"analysis", "attention", "bench", "budget", "cache", "capturing", "cli", "data", "eval", "finetune",
-               "frontier", "kernels", "methods", "models", "paged", "papers", "plotting", "report", "rope", "search",
-               "train"}
+_SUBMODULES = frozenset(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES) + ["__version__"]
 
 

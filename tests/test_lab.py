@@ -104,7 +104,8 @@ def test_lab_command_uses_this_interpreter_and_kernel(tmp_path):
 @pytest.mark.parametrize("port", ["0", "70000"])
 def test_cli_lab_bad_port_exits_2(port, capsys):
     assert main(["lab", "--port", port, "--no-browser"]) == 2
-    assert "--port must be in 1..65535" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--port" in err and "65535" in err and "Traceback" not in err
 
 
 def test_explorer_options_and_unfetched_model(tmp_path, monkeypatch):
