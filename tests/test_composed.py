@@ -124,7 +124,7 @@ def test_bad_options_are_refused():
         Composed(feature="kvcar")
     with pytest.raises(ValueError, match="token must be one of"):
         Composed(token="attention_gate")
-    with pytest.raises(ValueError, match=r"feature_budget must be in \[budget, 1\]"):
+    with pytest.raises(ValueError, match=r"feature_budget must be in \[budget / precision fraction, 1\]"):
         Composed(budget=0.25, feature_budget=0.2)
     with pytest.raises(ValueError, match="sinks must be"):
         Composed(sinks=-1)
