@@ -23,13 +23,29 @@ from pathlib import Path
 
 OUT = Path("data/results/precision")
 # label -> (method, budget or None, options)
+H2O = {"decode": True}  # H2O evicts the scored tokens too: every configuration holds its budget to the end
 CONFIGS = {
     "full": ("full", None, {}),
     "quant-8b-g32": ("quant", None, {"bits": 8, "group_size": 32, "residual": 32}),
     "quant-4b-g32": ("quant", None, {"bits": 4, "group_size": 32, "residual": 32}),
     "quant-2b-g32": ("quant", None, {"bits": 2, "group_size": 32, "residual": 32}),
     "quant-2b-g64": ("quant", None, {"bits": 2, "group_size": 64, "residual": 32}),
-    "quant-2b-g64-r0": ("quant", None, {"bits": 2, "group_size": 64, "residual": 0}),
+    # one eighth of the bf16 bytes
+    "h2o@1/8": ("h2o", 0.125, H2O),
+    "pca@1/8": ("pca", 0.125, {}),
+    "pca+h2o@1/8": ("composed", 0.125, {"feature": "pca", "token": "h2o", "feature_budget": 0.5, "token_options": H2O}),
+    "h2o+4b@1/8": ("composed", 0.125, {"feature": None, "token": "h2o", "bits": 4, "token_options": H2O}),
+    "pca+4b@1/8": ("composed", 0.125, {"feature": "pca", "token": None, "bits": 4}),
+    "pca+h2o+4b@1/8": ("composed", 0.125, {"feature": "pca", "token": "h2o", "bits": 4, "feature_budget": 0.5,
+                                           "token_options": H2O}),
+    # one sixteenth
+    "h2o@1/16": ("h2o", 0.0625, H2O),
+    "pca@1/16": ("pca", 0.0625, {}),
+    "pca+h2o@1/16": ("composed", 0.0625, {"feature": "pca", "token": "h2o", "feature_budget": 0.25,
+                                          "token_options": H2O}),
+    "h2o+2b@1/16": ("composed", 0.0625, {"feature": None, "token": "h2o", "bits": 2, "token_options": H2O}),
+    "pca+h2o+4b@1/16": ("composed", 0.0625, {"feature": "pca", "token": "h2o", "bits": 4, "feature_budget": 0.5,
+                                             "token_options": H2O}),
 }
 
 
@@ -97,7 +113,7 @@ def table(out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", default=None, help="labels of CONFIGS to run")
-    parser.add_argument("--chunks", type=int, default=8)
+    parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument("--chunk-len", type=int, default=1024)
     parser.add_argument("--context-frac", type=float, default=0.75)
     parser.add_argument("--out", type=Path, default=OUT)
