@@ -65,7 +65,7 @@ def run(labels, out: Path, chunks: int, chunk_len: int, context_frac: float) -> 
     model, tok = kvlab.load_model("smollm2")
     out.mkdir(parents=True, exist_ok=True)
     for label in labels:
-        path = out / f"{label}.json"
+        path = out / f"{label.replace('/', '_')}.json"
         if path.exists():
             continue
         name, budget, options = CONFIGS[label]
