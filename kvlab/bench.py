@@ -101,6 +101,10 @@ def attention_bytes(cache, spec: ModelSpec, dtype_bytes: int) -> tuple[int, int]
         kv_heads, dv = len(keys), int(values.dims_full.iloc[0])
         full += bytes_moved("attention", kv_heads=kv_heads, value_dim=dv, tokens=int(keys.tokens_seen.max()), **common)
         tokens = int(round(keys.tokens_kept.mean()))
+        if "bits" in rows and rows["bits"].notna().all():  # quantized: the dense read scaled by the bytes stored
+            fraction = float(rows.theoretical.sum() / rows.full.sum()) * int(keys.tokens_seen.max()) / max(tokens, 1)
+            ours += fraction * bytes_moved("attention", kv_heads=kv_heads, value_dim=dv, tokens=tokens, **common)
+            continue
         if (keys.dims_kept == keys.dims_full).all() and (values.dims_kept == values.dims_full).all():
             ours += bytes_moved("attention", kv_heads=kv_heads, value_dim=dv, tokens=tokens, **common)
             continue

@@ -174,3 +174,15 @@ def test_store_refuses_values_the_group_does_not_divide():
     store = QuantStore(2, 8, 0)
     with pytest.raises(ValueError, match="does not divide the value size 12"):
         store.append(torch.zeros(1, 1, 8, 16), torch.zeros(1, 1, 8, 12))
+
+
+def test_bench_decode_runs_quant_and_bounds_its_reads():
+    from kvlab import bench
+
+    model = kvlab.tiny_model("llama")
+    method = get("quant", bits=4, group_size=8, residual=4)
+    table = bench.decode_speed(model, None, ["full", method], contexts=[40], budget=0.5, new_tokens=3, repeats=1,
+                               progress=False)
+    row = table.set_index("method").loc["quant"]
+    assert row.tokens_per_s > 0 and row.kv_budget < 0.7  # nominal 4 / 16 + 2 / 8 = 0.5, plus the window
+    assert row.attn_bound > 1.5  # 4-bit codes + parameters: the read is a fraction of the full cache's
