@@ -44,6 +44,7 @@ CONFIGS = {
     "pca+h2o@1/16": ("composed", 0.0625, {"feature": "pca", "token": "h2o", "feature_budget": 0.25,
                                           "token_options": H2O}),
     "h2o+2b@1/16": ("composed", 0.0625, {"feature": None, "token": "h2o", "bits": 2, "token_options": H2O}),
+    "h2o+4b@1/16": ("composed", 0.0625, {"feature": None, "token": "h2o", "bits": 4, "token_options": H2O}),
     "pca+h2o+4b@1/16": ("composed", 0.0625, {"feature": "pca", "token": "h2o", "bits": 4, "feature_budget": 0.5,
                                              "token_options": H2O}),
 }

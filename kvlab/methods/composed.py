@@ -146,7 +146,7 @@ class Composed(Method):
     ``feature``: "pca" or "matryoshka" (its fitted bases; ``feature_options`` pick/fit them as the method alone
     would, e.g. the shipped artefact) or None; ``token``: "streaming", "h2o" or "snapkv" with ``token_options``, or
     None; ``bits``: None (entries in the cache's dtype) or 2 / 4 / 8 (quantized, :mod:`kvlab.methods.quant_composed`:
-    ``group_size`` channels per value group, gcd with the stored size; ``residual`` recent codes at full precision
+    at most ``group_size`` channels per value group (the largest divisor of the stored size); ``residual`` recent codes at full precision
     when there is no token method). At least two axes. The precision fraction p is the nominal bytes of a quantized
     number over bf16's (:func:`kvlab.methods.quant.nominal_budget`: bits / 16 + 2 / group_size), 1 without ``bits``.
     ``feature_budget``: the rank fraction r / D, in [budget / p, 1]; None = sqrt(budget / p), the even split in log
