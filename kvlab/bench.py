@@ -13,7 +13,8 @@ ratio_max show the spread); ``ratio_to_full`` is the same against kvlab's ``full
 the compressed caches, so the difference is what the cache reads) when ``full`` was run. A short warm-up run per method comes first and is not counted.
 
 Bytes: ``kv_bytes``/``kv_budget`` are measured after decoding (:func:`kvlab.budget.kv_bytes`: storage really
-allocated, growth slack included, over the full cache's bytes). ``attn_bytes`` is what the attention reads per
+allocated, growth slack included, over the full cache's bytes), floating bytes in the bf16 view (the default
+reference dtype of :func:`kvlab.budget.kv_bytes`). ``attn_bytes`` is what the attention reads per
 decoded token, summed over layers, from :mod:`kvlab.kernels.bytes_model` (dense ``attention`` over the tokens kept,
 or ``projected_attention`` over the codes + the full-rank sink copies); ``attn_bound`` = full-cache attention bytes
 / ``attn_bytes``, the memory-bound limit of the attention's speed-up. A whole decode step also reads every weight
@@ -100,6 +101,10 @@ def attention_bytes(cache, spec: ModelSpec, dtype_bytes: int) -> tuple[int, int]
         kv_heads, dv = len(keys), int(values.dims_full.iloc[0])
         full += bytes_moved("attention", kv_heads=kv_heads, value_dim=dv, tokens=int(keys.tokens_seen.max()), **common)
         tokens = int(round(keys.tokens_kept.mean()))
+        if "bits" in rows and rows["bits"].notna().all():  # quantized: the dense read scaled by the bytes stored
+            fraction = float(rows.theoretical.sum() / rows.full.sum()) * int(keys.tokens_seen.max()) / max(tokens, 1)
+            ours += fraction * bytes_moved("attention", kv_heads=kv_heads, value_dim=dv, tokens=tokens, **common)
+            continue
         if (keys.dims_kept == keys.dims_full).all() and (values.dims_kept == values.dims_full).all():
             ours += bytes_moved("attention", kv_heads=kv_heads, value_dim=dv, tokens=tokens, **common)
             continue

@@ -7,6 +7,16 @@
 
 The budget of a method is ``measured / full``; rows per (layer, head, K/V) carry the tokens and features kept, so the
 saving can be read per axis (token axis: tokens_kept / tokens_seen; feature axis: dims_kept / dims_full).
+
+Reference dtype (``kv_bytes(cache, dtype=...)``, default ``"bf16"``): bytes are reported as if the cache's floating
+tensors were held in the dtype people deploy. Every tensor stored in the cache's own float dtype (the model's: fp32
+for kvlab's bundled model) is counted at the reference dtype's size; everything else counts as stored: integer
+tensors (packed quantized codes, token indices, block tables) and tensors with a fixed dtype (float16 scales and zero
+points of a quantized cache, float32 statistics in a bf16 cache). ``"fp32"`` gives the fp32 view (what kvlab reported
+before the precision axis, for an fp32 model), ``"native"`` the bytes the tensors really hold. A full cache's budget
+is the same in every view; a method whose storage mixes integers and floats (a quantized cache, the int16 index of an
+eviction cache) has a different budget in each, so every table says which view it used. Rows may carry ``fixed``:
+the part of their theoretical bytes not in the cache's float dtype (0 when absent).
 """
 
 from __future__ import annotations
@@ -17,12 +27,30 @@ import pandas as pd
 import torch
 
 
+REFERENCE_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16,
+                                                    "fp32": torch.float32, "native": None}
+DEFAULT_DTYPE = "bf16"
+
+
+def reference_dtype(dtype) -> tuple[str, torch.dtype | None]:
+    """(label, torch dtype or None for native) from a label or a torch floating dtype."""
+    if isinstance(dtype, torch.dtype):
+        for label, d in REFERENCE_DTYPES.items():
+            if d == dtype:
+                return label, d
+    elif dtype in REFERENCE_DTYPES:
+        return dtype, REFERENCE_DTYPES[dtype]
+    raise ValueError(f"reference dtype must be one of {', '.join(REFERENCE_DTYPES)} (or torch.bfloat16 / float16 / "
+                     f"float32), got {dtype!r}")
+
+
 @dataclass(frozen=True)
 class KVBytes:
     full: int
     theoretical: int
     measured: int
     table: pd.DataFrame  # one row per (layer, head, part)
+    dtype: str = DEFAULT_DTYPE  # the reference dtype of the floating bytes (see the module docstring)
 
     @property
     def budget(self) -> float:
@@ -34,22 +62,29 @@ class KVBytes:
         return self.theoretical / self.full if self.full else float("nan")
 
     def as_dict(self) -> dict:
-        return {"full": self.full, "theoretical": self.theoretical, "measured": self.measured}
+        return {"full": self.full, "theoretical": self.theoretical, "measured": self.measured, "dtype": self.dtype}
 
     def by(self, *keys: str) -> pd.DataFrame:
         """Sum of the byte columns grouped by e.g. "layer", "head", "part"."""
         return self.table.groupby(list(keys))[["full", "theoretical", "measured"]].sum()
 
 
-def storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (views of one buffer count once)."""
+def storage_bytes(tensors, native: torch.dtype | None = None, ratio: float = 1.0) -> float:
+    """Bytes of the distinct storages behind ``tensors`` (views of one buffer count once); storages of tensors in
+    the ``native`` dtype are counted x ``ratio`` (reference dtype size / native size), the others as stored."""
     seen, total = set(), 0
     for t in tensors:
         storage = t.untyped_storage()
         if storage.data_ptr() not in seen:
             seen.add(storage.data_ptr())
-            total += storage.nbytes()
-    return total
+            total += storage.nbytes() * (ratio if native is not None and t.dtype == native else 1)
+    return total if ratio != 1.0 else int(total)
+
+
+def _ratio(native: torch.dtype | None, reference: torch.dtype | None) -> float:
+    if native is None or reference is None:
+        return 1.0
+    return torch.empty((), dtype=reference).element_size() / torch.empty((), dtype=native).element_size()
 
 
 def _plain_layer_rows(layer) -> tuple[list[dict], list[torch.Tensor]]:
@@ -66,23 +101,31 @@ def _plain_layer_rows(layer) -> tuple[list[dict], list[torch.Tensor]]:
     return rows, [keys, values]
 
 
-def kv_bytes(cache) -> KVBytes:
-    """Account the bytes of a kvlab cache (or a transformers DynamicCache) after a forward pass."""
+def kv_bytes(cache, dtype=DEFAULT_DTYPE) -> KVBytes:
+    """Account the bytes of a kvlab cache (or a transformers DynamicCache) after a forward pass, with floating bytes
+    counted in the reference ``dtype`` ("bf16" default, "fp16", "fp32", or "native"; see the module docstring)."""
     from .cache import KVLayer
 
+    label, reference = reference_dtype(dtype)
     frames = []
     for layer_idx, layer in enumerate(cache.layers):
         if isinstance(layer, KVLayer):
             rows, tensors = (layer.accounting(), list(layer.tensors())) if layer.is_initialized else ([], [])
+            native = layer.dtype if layer.is_initialized else None
         else:
             rows, tensors = _plain_layer_rows(layer)
+            native = tensors[0].dtype if tensors else None
         if not rows:
             continue
+        ratio = _ratio(native, reference)
         frame = pd.DataFrame(rows)
         frame.insert(0, "layer", layer_idx)
+        fixed = frame["fixed"] if "fixed" in frame else 0
+        frame["full"] = frame["full"] * ratio
+        frame["theoretical"] = (frame["theoretical"] - fixed) * ratio + fixed
         # A layer that shares storage with others (a paged layer's blocks in a pool) states its own share.
         own = getattr(layer, "measured_bytes", None)
-        measured = own() if callable(own) else storage_bytes(tensors)
+        measured = own(ratio) if callable(own) else storage_bytes(tensors, native, ratio)
         # A layer's storage is attributed to its rows in proportion to their theoretical bytes.
         weights = frame["theoretical"] / frame["theoretical"].sum() if frame["theoretical"].sum() else 1 / len(frame)
         frame["measured"] = weights * measured
@@ -91,8 +134,9 @@ def kv_bytes(cache) -> KVBytes:
         raise ValueError("the cache holds nothing yet: run a forward pass with it first")
     table = pd.concat(frames, ignore_index=True)
     return KVBytes(
-        full=int(table["full"].sum()),
-        theoretical=int(table["theoretical"].sum()),
+        full=int(round(table["full"].sum())),
+        theoretical=int(round(table["theoretical"].sum())),
         measured=int(round(table["measured"].sum())),
         table=table,
+        dtype=label,
     )

@@ -183,8 +183,9 @@ class KVLabCache(Cache):
             raise ValueError(f"layers disagree on batch size: {sorted(sizes)}")
         return sizes.pop() if sizes else -1
 
-    def kv_bytes(self):
-        """Measured, theoretical and full-cache bytes (see :mod:`kvlab.budget`)."""
+    def kv_bytes(self, dtype: str | torch.dtype = "bf16"):
+        """Measured, theoretical and full-cache bytes, floating bytes in the reference ``dtype`` ("bf16", "fp16",
+        "fp32" or "native"; see :mod:`kvlab.budget`)."""
         from .budget import kv_bytes
 
-        return kv_bytes(self)
+        return kv_bytes(self, dtype)

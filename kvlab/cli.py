@@ -87,11 +87,13 @@ def cmd_eval(args) -> int:
     if protocol not in supported:
         raise UsageError(f"method {method.name!r} supports --protocol {' or '.join(supported)}, not {protocol!r}")
 
+    from . import models
     from .eval.run import evaluate
     from .models import load_model
 
     try:
         model, tokenizer = load_model(args.model)
+        method.check(models.ModelSpec.from_model(model))  # options that depend on the geometry (head_dim, ...)
     except ValueError as e:
         raise UsageError(str(e)) from e
     result = evaluate(model, tokenizer, method, tasks=tasks, ppl=corpora, limit=args.limit,
@@ -203,6 +205,8 @@ def cmd_bench_decode(args) -> int:
 
     try:
         model, tokenizer = models.load_model(args.model)
+        for method in built:
+            method.check(models.ModelSpec.from_model(model))
     except ValueError as e:
         raise UsageError(str(e)) from e
     try:

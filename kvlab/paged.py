@@ -437,9 +437,11 @@ class PagedLayer(EvictionLayer):
         return [t for t in (self.block_tables, self.lengths, self.real_seen, self.scores, self.window)
                 if t is not None]
 
-    def measured_bytes(self) -> int:
-        """Blocks in use x block bytes + block tables, lengths and statistics (not the pool's free capacity)."""
-        return self.blocks_in_use() * self.pool.block_bytes + storage_bytes(self.tensors())
+    def measured_bytes(self, ratio: float = 1.0) -> float:
+        """Blocks in use x block bytes + block tables, lengths and statistics (not the pool's free capacity); bytes in
+        the cache's float dtype x ``ratio`` (the reference dtype's view, :func:`kvlab.budget.kv_bytes`)."""
+        return (self.blocks_in_use() * self.pool.block_bytes * ratio
+                + storage_bytes(self.tensors(), self.dtype, ratio))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Rows ``indices`` (repeats allowed): each selected row gets its own copy of its blocks."""

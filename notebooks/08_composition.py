@@ -26,6 +26,11 @@ SINGLES = {"pca": (0.25, 0.125), "matryoshka": (0.25, 0.125), "h2o": (0.25, 0.12
            "snapkv": (0.125, 0.0625)}  # method -> nominal budgets
 TOKEN_OPTIONS = {"h2o": {"decode": True}}  # H2O evicts the answer tokens too (the paper's generation setting)
 COMPOSITIONS = {("matryoshka", "h2o"): (0.25, 0.125, 0.0625), ("pca", "h2o"): (0.125,)}  # (feature, token): budgets
+PRECISION = {  # compositions with the precision axis (notebook 09), fixed splits: label -> (options, budgets)
+    "h2o x 4-bit": ({"feature": None, "token": "h2o", "bits": 4}, (0.125,)),
+    "pca x h2o x 4-bit": ({"feature": "pca", "token": "h2o", "bits": 4, "feature_budget": 0.5}, (0.125, 0.0625)),
+}
+SINGLES_PRECISION = {"quant": (0.3125, 0.1875)}  # nominal bf16 budgets -> 4 and 2 bits (groups of 32)
 SPLITS = (0.25, 0.375, 0.5, 0.75, 1.0)  # rank fractions f tried by the split search (those >= the budget)
 SPLIT_CHUNKS = 2  # wiki calibration chunks of SPLIT_LEN tokens for the split search
 SPLIT_LEN = 512
@@ -34,6 +39,7 @@ SEED = 0
 # %%
 if QUICK:
     LIMIT, SINGLES, COMPOSITIONS = 12, {"pca": (0.125,), "h2o": (0.25, 0.125)}, {("pca", "h2o"): (0.125,)}
+    PRECISION, SINGLES_PRECISION = {}, {}
     SPLITS, SPLIT_CHUNKS, SPLIT_LEN = (0.25, 0.5, 1.0), 1, 256
 
 import time
@@ -107,6 +113,12 @@ for name, budgets in SINGLES.items():
     families[name] = [get(name, budget=b, **TOKEN_OPTIONS.get(name, {})).prepare(model, tok) for b in budgets]
 for (feature, token), budgets in COMPOSITIONS.items():
     families[f"{feature} x {token}"] = [chosen[feature, token, b] for b in budgets]
+for name, budgets in SINGLES_PRECISION.items():
+    families[name] = [get(name, budget=b) for b in budgets]
+for label, (options, budgets) in PRECISION.items():
+    families[label] = [Composed(budget=b, token_options=TOKEN_OPTIONS.get(options["token"], {}),
+                                feature_method=features.get(options["feature"]), **options).prepare(model, tok)
+                       for b in budgets]
 grid = frontier.run_grid(model, tok, families, tasks=TASKS, limit=LIMIT, num_fewshot=FEWSHOT, seed=SEED)
 seconds["grid"] = time.perf_counter() - tic
 full_acc = float(grid.loc[grid["family"] == "full cache", "avg_acc"].iloc[0])

@@ -173,11 +173,11 @@ def test_measured_bytes_equal_theoretical_and_kept_fraction_is_budget(arch, batc
     with torch.no_grad(), method.apply(model) as cache:
         _forward(model, ids, None, None, cache)
         method.compress(cache)  # no-op: eviction already happened
-        b = cache.kv_bytes()
+        b = cache.kv_bytes("fp32")
         cont = torch.randint(3, 97, (batch, 11))  # a continuation chunk: top-k again, equal counts per head
         _forward(model, cont, torch.ones(batch, tokens + 11, dtype=torch.long),
                  torch.arange(tokens, tokens + 11).expand(batch, -1), cache)
-    after = cache.kv_bytes()
+    after = cache.kv_bytes("fp32")
     assert after.theoretical == batch * (_round(budget * tokens) + _round(budget * 11)) * spec.kv_bytes_per_token()
     assert after.theoretical <= after.measured <= 1.02 * after.theoretical
     keep = _round(budget * tokens)

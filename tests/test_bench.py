@@ -36,7 +36,7 @@ def test_decode_speed_table(llama):
         for name in ("streaming", "pca"):  # the whole step reads the weights too: a looser bound than attention's
             assert 1.0 < by.loc[(context, name), "step_bound"] < by.loc[(context, name), "attn_bound"]
             assert by.loc[(context, name), "kv_budget"] < by.loc[(context, "full"), "kv_budget"]  # (growth slack)
-    assert by.loc[(40, "none"), "kv_bytes"] == 3 * 2 * 16 * 2 * 4 * (40 + 3)  # layers x kv heads x D x K,V x fp32
+    assert by.loc[(40, "none"), "kv_bytes"] == 3 * 2 * 16 * 2 * 2 * (40 + 3)  # layers x kv heads x D x K,V x bf16 (the view)
 
 
 def test_attention_bytes_follow_the_bytes_model(llama):

@@ -199,7 +199,7 @@ def test_measured_bytes_after_compress(name, arch, batch, tokens, budget):
     with torch.no_grad(), method.apply(model) as cache:
         _forward(model, ids, None, None, cache)
         method.compress(cache)
-    b = cache.kv_bytes()
+    b = cache.kv_bytes("fp32")
     keep = _round(budget * tokens)
     assert b.theoretical == batch * keep * spec.kv_bytes_per_token() // 1  # exactly the kept entries
     assert b.full == batch * tokens * spec.kv_bytes_per_token()
@@ -330,7 +330,7 @@ def test_throughout_protocol_and_misuse_fail_loudly():
             method.compress(cache)
         _forward(model, ids, None, None, cache)
         with pytest.raises(RuntimeError, match="protocol='context'"):
-            cache.kv_bytes()
+            cache.kv_bytes("fp32")
         with pytest.raises(RuntimeError, match="protocol='context'"):
             _forward(model, ids[:, :1], torch.ones(2, 11, dtype=torch.long), torch.full((2, 1), 10), cache)
     with torch.no_grad(), method.apply(model) as cache:
@@ -389,6 +389,6 @@ def test_decoding_appends_in_place_with_spare_slots(method):
         full = torch.cat([full, torch.ones(2, 1, dtype=full.dtype)], dim=1)
         _forward(model, torch.randint(3, 97, (2, 1)), full, (full.cumsum(-1) - 1)[:, -1:], cache)
     assert layer._keys.data_ptr() == buffer and layer.slots == slots + 1  # appended in place
-    kb = kvlab.kv_bytes(cache)
+    kb = kvlab.kv_bytes(cache, "fp32")
     assert kb.measured > kb.theoretical  # the spare slots are allocated, so measured
     assert torch.isfinite(logits).all()

@@ -100,7 +100,7 @@ def test_bytes_shrink_on_both_axes(arch):
 
     alone = compressed(H2O(budget=0.5))
     both = compressed(Composed(budget=0.25, feature_budget=0.5, feature_method=pca))
-    a, b = kvlab.kv_bytes(alone), kvlab.kv_bytes(both)
+    a, b = kvlab.kv_bytes(alone, "fp32"), kvlab.kv_bytes(both, "fp32")
     assert b.theoretical == pytest.approx(a.theoretical / 2)  # same tokens kept, half the features
     assert b.measured < 0.6 * a.measured  # the codes are what is allocated (plus the index)
     assert b.budget < 0.3
@@ -124,7 +124,7 @@ def test_bad_options_are_refused():
         Composed(feature="kvcar")
     with pytest.raises(ValueError, match="token must be one of"):
         Composed(token="attention_gate")
-    with pytest.raises(ValueError, match=r"feature_budget must be in \[budget, 1\]"):
+    with pytest.raises(ValueError, match=r"feature_budget must be in \[budget / precision fraction, 1\]"):
         Composed(budget=0.25, feature_budget=0.2)
     with pytest.raises(ValueError, match="sinks must be"):
         Composed(sinks=-1)

@@ -83,7 +83,7 @@ def test_budget_rule_and_measured_bytes_equal_theoretical(arch, budget, code_dim
     ids = _ids(n=2, length=20, seed=1)
     with torch.no_grad(), method.apply(model) as cache:
         model(ids, past_key_values=cache, use_cache=True)
-        b = cache.kv_bytes()
+        b = cache.kv_bytes("fp32")
         assert b.measured == b.theoretical  # codes at the cache dtype + full layers, exactly
         assert b.measured / b.full == pytest.approx(kept)
         model(ids[:, :1], past_key_values=cache, use_cache=True)  # a decode step appends codes
@@ -91,7 +91,7 @@ def test_budget_rule_and_measured_bytes_equal_theoretical(arch, budget, code_dim
         assert isinstance(layer, AutoencodedLayer if i in chosen else FullLayer)
         if i in chosen:
             assert layer.key_codes.shape == layer.value_codes.shape == (2, spec.n_kv_heads, 21, d)
-    per_layer = cache.kv_bytes().by("layer")  # full layers grow with decoding slack (FullLayer.min_grow); codes don't
+    per_layer = cache.kv_bytes("fp32").by("layer")  # full layers grow with decoding slack (FullLayer.min_grow); codes don't
     assert (per_layer.loc[chosen, "measured"] == per_layer.loc[chosen, "theoretical"]).all()
 
 
@@ -102,7 +102,7 @@ def test_bytes_with_sinks_within_two_percent(arch):
     ids, mask, pos = left_padded_batch(97, [30, 21], seed=4)
     with torch.no_grad(), method.apply(model) as cache:
         model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-    b = cache.kv_bytes()
+    b = cache.kv_bytes("fp32")
     assert abs(b.measured - b.theoretical) <= 0.02 * b.theoretical
     layer = next(l for l in cache.layers if isinstance(l, AutoencodedLayer))
     if arch == "llama":  # explicit positions: row 1 is left-padded by 9, padding is never a sink

@@ -123,7 +123,7 @@ def test_budget_rule_and_bytes_show_both_savings(arch, budget, share):
     batch, tokens = 3, 10
     cache = method.new_cache(model)
     _logits(model, cache, _ids(batch, tokens, seed=2))
-    report = cache.kv_bytes()
+    report = cache.kv_bytes("fp32")
     assert report.measured == report.theoretical  # no sinks: exact, after prefill
     assert report.theoretical == round(kept * report.full)
     assert report.budget == pytest.approx(kept)
@@ -151,7 +151,7 @@ def test_bytes_with_sinks_within_two_percent(arch):
     ids, mask, pos = left_padded_batch(97, [40, 31], seed=3)
     cache = method.new_cache(model)
     _logits(model, cache, ids, mask, pos)
-    report = cache.kv_bytes()
+    report = cache.kv_bytes("fp32")
     assert abs(report.measured - report.theoretical) <= 0.02 * report.theoretical
     assert method.kept_fraction(spec) < report.theoretical_budget < method.kept_fraction(spec) + 0.03  # + sinks
     assert report.budget <= 0.45 + 0.03
@@ -170,7 +170,7 @@ def test_reuse_share_one_is_reuse_alone(arch):
         c1, c2 = both.new_cache(model), alone.new_cache(model)
         torch.testing.assert_close(_logits(model, c1, ids, mask, pos), _logits(model, c2, ids, mask, pos),
                                    atol=0, rtol=0)
-        assert c1.kv_bytes().as_dict() == c2.kv_bytes().as_dict()
+        assert c1.kv_bytes("fp32").as_dict() == c2.kv_bytes("fp32").as_dict()
     # explicit heads (fixed option): reuse exactly those, codes cover the rest of the budget
     heads = Reuse(budget=0.7, similarity=sim).selection(spec).tolist()
     fixed = KVCARReuse(budget=0.7, reuse_options={"heads": heads})
@@ -192,7 +192,7 @@ def test_nothing_reused_is_kvcar_alone(arch):
             c1, c2 = both.new_cache(model), alone.new_cache(model)
             torch.testing.assert_close(_logits(model, c1, ids, mask, pos), _logits(model, c2, ids, mask, pos),
                                        atol=0, rtol=0)
-            assert c1.kv_bytes().as_dict() == c2.kv_bytes().as_dict()
+            assert c1.kv_bytes("fp32").as_dict() == c2.kv_bytes("fp32").as_dict()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -207,7 +207,7 @@ def test_generate_batch_two_left_padding(arch):
         expected = model.generate(ids, past_key_values=_reference(method, spec), **kwargs)
     assert out.shape == (2, 17) and torch.equal(out, expected)
     # theoretical bytes follow the plan while decoding (measured has FullLayer's decode slack, >= 32 tokens)
-    assert cache.get_seq_length() == 16 and cache.kv_bytes().theoretical_budget == pytest.approx(
+    assert cache.get_seq_length() == 16 and cache.kv_bytes("fp32").theoretical_budget == pytest.approx(
         method.kept_fraction(spec))
     sinks_model, sinks_kvcar, sinks_sim = _parts(arch, sinks=2)
     with torch.no_grad(), KVCARReuse(budget=0.45, kvcar=sinks_kvcar, similarity=sinks_sim).apply(sinks_model) as c:

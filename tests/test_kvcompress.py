@@ -141,7 +141,7 @@ def test_eviction_frees_blocks_and_measured_bytes_follow_the_theoretical_ones(ar
     assert len(freed) == before - after and freed <= set(pool.free_ids)  # freed ids are on the free list
     assert not tables & set(pool.free_ids)
     assert after == sum(layer.blocks_in_use() for layer in cache.layers)
-    b = cache.kv_bytes()
+    b = cache.kv_bytes("fp32")
     assert b.full == batch * tokens * spec.kv_bytes_per_token()
     assert b.theoretical <= b.measured <= 1.05 * b.theoretical  # physical memory = the theoretical saving
     assert b.measured >= after * pool.block_bytes  # blocks in use are counted...
@@ -232,7 +232,7 @@ def test_misuse_fails_loudly(capsys):
             method.compress(cache)
         _forward(model, ids, None, None, cache)
         with pytest.raises(RuntimeError, match="protocol='context'"):
-            cache.kv_bytes()
+            cache.kv_bytes("fp32")
         with pytest.raises(ValueError, match=r"attention_mask must be \(batch, tokens seen\) = \(2, 12\)"):
             method.compress(cache, attention_mask=torch.ones(2, 11))
         with pytest.raises(ValueError, match="was built by"):

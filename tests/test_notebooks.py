@@ -358,6 +358,32 @@ def check_08_composition(results: dict) -> None:
     assert set(results["target"]) >= {"composition_acc", "keeps_share", "beats_every_single", "best_single"}
 
 
+def check_09_precision(results: dict) -> None:
+    assert results["quick"] is True and results["layers"] == [0, 15] and results["group"] == 32
+    assert results["protocol"] == {"chunks": 1, "chunk_len": 256, "context_frac": 0.75, "dtype_view": "bf16"}
+    dist = results["distribution"]
+    assert set(dist) == {"keys", "values"}
+    # measured on SmolLM2: keys have outlier channels, and per-channel grouping halves their 2-bit error
+    assert dist["keys"]["channel_outlier"] > dist["keys"]["token_outlier"]
+    assert dist["keys"]["err_per_channel"] < dist["keys"]["err_per_token"]
+    assert 1.0 < results["full_ppl"] < 100.0
+    quant = results["quant"]
+    assert quant["full"]["budget_bf16"] == 1.0
+    ratios = [quant[f"quant {b}-bit"]["x_full"] for b in (8, 4, 2)]
+    budgets = [quant[f"quant {b}-bit"]["budget_bf16"] for b in (8, 4, 2)]
+    # quick: 64 scored tokens, so 8 and 4 bits are within noise of full (4 bits measured 0.99x); 2 bits cost
+    assert 0.98 < ratios[0] < 1.02 and 0.95 < ratios[1] < 1.1 and ratios[2] > max(ratios[:2]) and ratios[2] > 1.0
+    assert budgets[0] > budgets[1] > budgets[2]
+    for b, budget in zip((8, 4, 2), budgets):  # nominal b / 16 + 2 / 32, plus the full-precision window
+        assert b / 16 + 1 / 16 <= budget <= b / 16 + 1 / 16 + 64 / 256
+        assert abs(quant[f"quant {b}-bit"]["theoretical_bf16"] - budget) < 1e-6  # measured == theoretical
+    comp = results["compositions"]
+    assert set(comp) == {"h2o", "pca x h2o x 4-bit"}
+    for row in comp.values():
+        assert 0.1 <= row["budget_bf16"] <= 0.2 and row["x_full"] >= 0.99
+    assert results["key_figure"] == "channels.png"
+
+
 def check_10_explorer(results: dict) -> None:
     assert results["quick"] is True and results["key_figure"] == "explorer.png"
     assert results["prompt_tokens"] == 128 and results["ppl_tokens"] == 256
@@ -384,7 +410,7 @@ CHECKS = {"00_tour": check_00_tour, "01_kv_spectra": check_01_kv_spectra, "02_pc
           "03_layer_similarity_reuse": check_03_layer_similarity_reuse,
           "04_attention_score_bias": check_04_attention_score_bias, "05_paged_eviction": check_05_paged_eviction,
           "06_kernels": check_06_kernels, "07_paper_results": check_07_paper_results,
-          "08_composition": check_08_composition, "10_explorer": check_10_explorer}
+          "08_composition": check_08_composition, "09_precision": check_09_precision, "10_explorer": check_10_explorer}
 
 
 def test_every_notebook_has_checks():

@@ -79,7 +79,7 @@ def test_bytes_drop_with_rank_and_decode_appends():
     ids = torch.randint(3, 97, (2, 12))
     cache, *_ = _projected_cache(spec, 4)
     _logits(model, ids, None, None, cache)
-    b = cache.kv_bytes()
+    b = cache.kv_bytes("fp32")
     assert b.measured == b.theoretical == b.full * 4 // spec.head_dim
     _logits(model, torch.randint(3, 97, (2, 1)), None, torch.full((2, 1), 12), cache)
     assert cache.get_seq_length() == 13 and cache.layers[0].key_codes[0].shape == (2, 13, 4)
@@ -94,7 +94,7 @@ def test_ragged_ranks_are_stored_ragged():
         model(torch.randint(3, 97, (1, 8)), past_key_values=cache, use_cache=True)
     layer = cache.layers[2]
     assert [c.shape[-1] for c in layer.key_codes] == [2, 9] and [c.shape[-1] for c in layer.value_codes] == [16, 1]
-    b = cache.kv_bytes()
+    b = cache.kv_bytes("fp32")
     assert b.measured == b.theoretical == 8 * (2 + 9 + 16 + 1) * 4 * spec.n_layers
 
 
@@ -105,7 +105,7 @@ def test_pca_fit_on_tiny_model_and_budget_errors():
     assert pca.key_bases.shape == (spec.n_layers, spec.n_kv_heads, spec.head_dim, spec.head_dim)
     with torch.no_grad(), pca.apply(model) as cache:
         model(torch.randint(3, 97, (2, 16)), past_key_values=cache, use_cache=True)
-    assert 0.5 < cache.kv_bytes().budget < 0.5 + 2 * 2 / 16  # half the features + 2 full-rank sinks per row
+    assert 0.5 < cache.kv_bytes("fp32").budget < 0.5 + 2 * 2 / 16  # half the features + 2 full-rank sinks per row
     with pytest.raises(ValueError, match=r"budget must be in \(0, 1\]"):
         kvlab.methods.get("pca", 1.5)
     with pytest.raises(ValueError, match="unknown option"):

@@ -91,7 +91,7 @@ def test_codes_grow_in_place_when_decoding():
             pointers.append(layer.code_tensors()[0].data_ptr())
     assert layer.key_codes[0].shape == (2, 11, 4)
     assert len(set(pointers[1:])) == 1  # grown once (by at least min_grow), then appended in place
-    b = cache.kv_bytes()
+    b = cache.kv_bytes("fp32")
     assert b.theoretical < b.measured <= b.theoretical * (6 + 5 + 32) / 11  # slack of the growth, as FullLayer
     cache.batch_select_indices(torch.tensor([1, 1, 0]))
     assert layer.key_codes[0].shape == (3, 11, 4) and layer.code_tensors()[0].shape == (3, spec.n_kv_heads, 11, 4)
@@ -111,7 +111,7 @@ def test_heads_of_equal_ranks_share_a_buffer_and_read_the_same(ranks_k, ranks_v)
     groups = len(set(zip(ranks_k, ranks_v)))
     assert len(layer.code_tensors()) == 2 * groups
     assert [c.shape for c in layer.key_codes] == [(2, 12, r) for r in ranks_k]
-    b = cache.kv_bytes()
+    b = cache.kv_bytes("fp32")
     assert b.measured >= b.theoretical  # no padding to the largest rank: only decode growth slack on top
     k_hat, _ = layer.reconstruct()
     assert k_hat.shape == (2, 4, 12, spec.head_dim)

@@ -84,7 +84,7 @@ def test_bytes_show_only_stored_heads(arch):
     heads = torch.tensor(CHAIN[arch])
     cache = Reuse(heads=heads.tolist()).new_cache(model)
     _logits(model, torch.randint(3, 97, (3, 10)), None, None, cache)
-    report = cache.kv_bytes()
+    report = cache.kv_bytes("fp32")
     kept = 1 - heads.double().mean().item()
     assert abs(report.measured - report.theoretical) <= 0.02 * report.theoretical
     assert report.measured == report.theoretical == round(kept * report.full)
@@ -158,7 +158,7 @@ def test_budget_is_met_in_measured_bytes():
     method = Reuse(budget=0.7, similarity=_similarity(5, 2))
     with torch.no_grad(), method.apply(model) as cache:
         model(torch.randint(3, 97, (2, 12)), past_key_values=cache, use_cache=True)
-    assert cache.kv_bytes().budget == pytest.approx(0.7)  # 3 of 10 heads reused
+    assert cache.kv_bytes("fp32").budget == pytest.approx(0.7)  # 3 of 10 heads reused
     frame = method.to_frame()
     assert len(frame) == 10 and int(frame["reused"].sum()) == 3
     assert set(frame.columns) >= {"layer", "head", "reused", "read_from", "cka_keys", "cosine_values"}

@@ -71,7 +71,7 @@ def test_measured_sensitivity_and_searched_cache(arch):
     assert torch.cat([keys, values]).float().mean() <= 0.5 * spec.head_dim
     with pca.apply(model) as cache:
         model(ids, past_key_values=cache)
-    report = cache.kv_bytes()
+    report = cache.kv_bytes("fp32")
     assert abs(report.measured - report.theoretical) <= 0.02 * report.theoretical
     kept = report.table.groupby("part")["dims_kept"].apply(list)
     assert sorted(kept["K"]) == sorted(keys.flatten().tolist())  # ragged: each head its own rank, no padding
@@ -139,6 +139,6 @@ def test_shipped_artefacts_serve_smollm2(smollm2, name):
     ids = kvlab.data.text_chunks("wiki", tok, chunk_len=256, n_chunks=1, split="eval")
     with torch.no_grad(), method.apply(model) as cache:
         model(ids, past_key_values=cache)
-    report = cache.kv_bytes()
+    report = cache.kv_bytes("fp32")
     assert abs(report.measured - report.theoretical) <= 0.02 * report.theoretical
     assert 0.5 <= report.budget <= 0.52  # ranks at half the features + 4 full-rank sink tokens of 256

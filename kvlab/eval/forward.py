@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from ..attention import padded_positions
-from ..budget import kv_bytes
+from ..budget import DEFAULT_DTYPE, kv_bytes
 
 
 def pad(seqs: Sequence[Sequence[int]], pad_id: int = 0, *, side: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +81,8 @@ class Meter:
     ``tokens`` counts real (non-padding) tokens fed to the model, ``padded_tokens`` everything fed (padding too).
     ``full/theoretical/measured`` are *summed over every cache the evaluation used*, each accounted once, after its
     last forward (see :func:`kvlab.budget.kv_bytes`); their ratio ``budget = measured / full`` is therefore the
-    token-weighted fraction of the full cache's bytes the method kept on exactly this workload.
+    token-weighted fraction of the full cache's bytes the method kept on exactly this workload. Floating bytes are
+    counted in the reference dtype ``dtype`` (:func:`kvlab.budget.kv_bytes`; "bf16" by default).
     """
 
     tokens: int = 0
@@ -93,6 +94,7 @@ class Meter:
     measured: int = 0
     seconds: float = 0.0
     shapes: list = field(default_factory=list, repr=False)  # (B, T) of every forward's new ids
+    dtype: str = DEFAULT_DTYPE  # reference dtype of the byte counts
 
     def count(self, mask: torch.Tensor) -> None:
         """Count one forward of the new tokens described by ``mask`` (B, T)."""
@@ -104,7 +106,7 @@ class Meter:
     def account(self, cache) -> None:
         """Add the bytes of a cache after its last forward."""
         try:
-            kb = kv_bytes(cache)
+            kb = kv_bytes(cache, self.dtype)
         except ValueError:  # a cache that never saw a token
             return
         self.caches += 1
@@ -122,7 +124,8 @@ class Meter:
             return x / self.full if self.full else float("nan")
 
         return {"full": self.full, "theoretical": self.theoretical, "measured": self.measured,
-                "budget": frac(self.measured), "theoretical_budget": frac(self.theoretical), "caches": self.caches}
+                "budget": frac(self.measured), "theoretical_budget": frac(self.theoretical), "caches": self.caches,
+                "dtype": self.dtype}
 
     def as_dict(self) -> dict:
         return {"tokens_forwarded": self.tokens, "padded_tokens": self.padded_tokens, "forwards": self.forwards,

@@ -16,6 +16,7 @@ import torch
 from .paged_attention import reference as _paged
 from .project_append import reference as _append
 from .projected_attention import reference as _projected
+from .quant_attention import reference as _quant
 
 
 @lru_cache(maxsize=None)
@@ -56,3 +57,11 @@ def project_append(keys, values, key_codes, value_codes, key_basis, value_basis,
     impl = _kernel("project_append") if use_triton(keys) else _append
     return impl.project_append(keys, values, key_codes, value_codes, key_basis, value_basis, key_offsets,
                                value_offsets, positions)
+
+
+def quant_decode_attention(query, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, bits, group,
+                           scaling=None):
+    """(B, H, Dv) over a KIVI-quantized cache, dequantized in the kernel: see ``quant_attention/reference.py``."""
+    impl = _kernel("quant_attention") if use_triton(query) else _quant
+    return impl.quant_decode_attention(query, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail,
+                                       bits, group, scaling)

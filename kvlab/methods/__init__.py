@@ -13,12 +13,13 @@ from .matryoshka import MatryoshkaKV
 from .pca import PCA
 from .kvcar import KVCAR
 from .kvcompress import KVCompress
+from .quant import Quant
 from .reuse import Reuse
 from .token_methods import H2O, SnapKV, Streaming
 
 REGISTRY: dict[str, type[Method]] = {
     cls.name: cls for cls in (NoCompression, Full, PCA, MatryoshkaKV, KVCAR, Reuse, KVCARReuse, Streaming, H2O, SnapKV,
-                              KVCompress, AttentionGate, Composed)
+                              KVCompress, AttentionGate, Composed, Quant)
 }
 
 
@@ -36,4 +37,4 @@ def get(name: str, budget: float | None = None, **options) -> Method:
 
 
 __all__ = ["Method", "NoCompression", "Full", "PCA", "MatryoshkaKV", "KVCAR", "Reuse", "KVCARReuse", "Streaming", "H2O",
-           "SnapKV", "KVCompress", "AttentionGate", "Composed", "REGISTRY", "get"]
+           "SnapKV", "KVCompress", "AttentionGate", "Composed", "Quant", "REGISTRY", "get"]

@@ -45,6 +45,9 @@ class Method:
         """Make the method ready to run on ``model`` (fit on the default calibration data if it needs to)."""
         return self
 
+    def check(self, spec: ModelSpec) -> None:
+        """Raise ValueError if an option does not fit the model's geometry (called before any work on it)."""
+
     def make_layer(self, layer_idx: int, spec: ModelSpec):
         return FullLayer(layer_idx)
 

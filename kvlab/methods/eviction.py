@@ -219,6 +219,11 @@ class EvictionLayer(KVLayer):
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (B, H_kv, C, D) attention reads, slot by slot as stored."""
+        return self.stored()
+
+    def stored(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slots (B, H_kv, C, .) as floating tensors: what is stored, or its dequantized form (a subclass that
+        stores integer codes overrides this; see :mod:`kvlab.methods.quant_composed`)."""
         return self.keys, self.values
 
     # ------------------------------------------------------------------------------------------------ reading

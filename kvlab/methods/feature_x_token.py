@@ -37,7 +37,9 @@ from typing import ClassVar
 import torch
 
 from ..models import ModelSpec
+from ..quantize import check_options
 from .base import Method
+from .quant import nominal_budget
 from .eviction import EvictionLayer
 from .token_methods import H2O, SnapKV, Streaming, TokenEviction
 
@@ -72,8 +74,9 @@ class ProjectedEvictionLayer(EvictionLayer):
                 value_states @ self.value_basis.to(value_states.dtype))
 
     def read(self):
-        keys = self.keys @ self.key_basis.to(self.keys.dtype).transpose(1, 2)  # (B, H_kv, C, D)
-        values = self.values @ self.value_basis.to(self.values.dtype).transpose(1, 2)
+        codes_k, codes_v = self.stored()  # (B, H_kv, C, r)
+        keys = codes_k @ self.key_basis.to(codes_k.dtype).transpose(1, 2)  # (B, H_kv, C, D)
+        values = codes_v @ self.value_basis.to(codes_v.dtype).transpose(1, 2)
         if self.sink_columns is None:
             return keys, values
         match = (self.index.long()[..., None] == self.sink_columns[:, None, None, :]) & (self.index >= 0)[..., None]
@@ -137,59 +140,93 @@ class ProjectedEvictionLayer(EvictionLayer):
 
 @dataclass(eq=False)
 class Composed(Method):
-    """Projected features x token eviction in one cache; ``budget`` = feature_budget x token budget.
+    """Two or three axes in one cache: projected features x token eviction x precision; ``budget`` = feature fraction
+    x token fraction x precision fraction.
 
     ``feature``: "pca" or "matryoshka" (its fitted bases; ``feature_options`` pick/fit them as the method alone
-    would, e.g. the shipped artefact); ``token``: "streaming", "h2o" or "snapkv" with ``token_options``.
-    ``feature_budget``: the rank fraction r / D, in [budget, 1]; None = sqrt(budget), the even split in log bytes.
-    ``sinks``: full-size positions per row (None = the feature method's ``sinks``; none at full rank, where the codes
-    are exact and the composition is the token method alone).
+    would, e.g. the shipped artefact) or None; ``token``: "streaming", "h2o" or "snapkv" with ``token_options``, or
+    None; ``bits``: None (entries in the cache's dtype) or 2 / 4 / 8 (quantized, :mod:`kvlab.methods.quant_composed`:
+    at most ``group_size`` channels per value group (the largest divisor of the stored size); ``residual`` recent codes at full precision
+    when there is no token method). At least two axes. The precision fraction p is the nominal bytes of a quantized
+    number over bf16's (:func:`kvlab.methods.quant.nominal_budget`: bits / 16 + 2 / group_size), 1 without ``bits``.
+    ``feature_budget``: the rank fraction r / D, in [budget / p, 1]; None = sqrt(budget / p), the even split in log
+    bytes (= budget / p without a token method, which is then the only choice). The token method keeps
+    budget / (feature_budget x p) of the tokens.
+    ``sinks``: full-size positions per row (None = the feature method's ``sinks``; none at full rank without
+    quantization, where the codes are exact and the composition is the token method alone).
     """
 
     name: ClassVar[str] = "composed"
-    axes: ClassVar[tuple[str, ...]] = ("feature", "token")
+    axes: ClassVar[tuple[str, ...]] = ("feature", "token", "precision")
     protocols: ClassVar[tuple[str, ...]] = ("context",)
 
     budget: float = 0.125
-    feature: str = "pca"
-    token: str = "h2o"
+    feature: str | None = "pca"
+    token: str | None = "h2o"
     feature_budget: float | None = None
     sinks: int | None = None
+    bits: int | None = None
+    group_size: int = 32
+    residual: int = 32
     feature_options: dict = field(default_factory=dict)
     token_options: dict = field(default_factory=dict)
     feature_method: Method | None = field(default=None, repr=False)
 
     def __post_init__(self):
         super().__post_init__()
-        if self.feature not in FEATURE_METHODS:
-            raise ValueError(f"feature must be one of {', '.join(FEATURE_METHODS)}, got {self.feature!r}")
-        if self.token not in TOKEN_METHODS:
-            raise ValueError(f"token must be one of {', '.join(TOKEN_METHODS)} (methods on the EvictionLayer; "
+        if self.feature is not None and self.feature not in FEATURE_METHODS:
+            raise ValueError(f"feature must be one of {', '.join(FEATURE_METHODS)} or None, got {self.feature!r}")
+        if self.token is not None and self.token not in TOKEN_METHODS:
+            raise ValueError(f"token must be one of {', '.join(TOKEN_METHODS)} or None (methods on the EvictionLayer; "
                              f"attention_gate and kvcompress keep their own storage), got {self.token!r}")
-        f = self.split
-        if not float(self.budget) - 1e-12 <= f <= 1.0:
-            raise ValueError(f"feature_budget must be in [budget, 1] = [{self.budget}, 1] (the token method keeps "
-                             f"budget / feature_budget of the tokens), got {self.feature_budget!r}")
+        if self.bits is not None:
+            check_options(self.bits, self.group_size, self.residual)
+        if sum(x is not None for x in (self.feature, self.token, self.bits)) < 2:
+            raise ValueError(f"composed needs two axes or three: feature (pca, matryoshka), token (streaming, h2o, "
+                             f"snapkv), bits (2, 4, 8); got feature={self.feature!r}, token={self.token!r}, "
+                             f"bits={self.bits!r} (one axis alone is its own method)")
+        if self.token is None and self.feature_budget is not None:
+            raise ValueError("without a token method the rank fraction follows from the budget (budget / precision "
+                             f"fraction); leave feature_budget unset, got {self.feature_budget!r}")
+        f, low = self.split, float(self.budget) / self.precision
+        if not low - 1e-9 <= f <= 1.0 + 1e-12:
+            raise ValueError(f"feature_budget must be in [budget / precision fraction, 1] = [{low:.4g}, 1] (the token "
+                             f"method keeps budget / (feature_budget x precision) of the tokens), got "
+                             f"{self.feature_budget!r} (rank fraction {f:.4g})")
         if self.sinks is not None and (isinstance(self.sinks, bool) or not isinstance(self.sinks, int)
                                        or self.sinks < 0):
             raise ValueError(f"sinks must be an int >= 0 or None, got {self.sinks!r}")
-        self.policy = TOKEN_METHODS[self.token](budget=min(1.0, float(self.budget) / f), **self.token_options)
+        self.policy = None
+        if self.token is not None:
+            self.policy = TOKEN_METHODS[self.token](budget=min(1.0, low / f), **self.token_options)
+
+    @property
+    def precision(self) -> float:
+        """The precision fraction: nominal bytes of a stored number over bf16's (1 without quantization)."""
+        return 1.0 if self.bits is None else nominal_budget(self.bits, self.group_size)
 
     @property
     def split(self) -> float:
         """The feature (rank) fraction used."""
-        return float(self.feature_budget) if self.feature_budget is not None else math.sqrt(float(self.budget))
+        if self.feature is None:
+            return 1.0
+        low = float(self.budget) / self.precision
+        if self.token is None:
+            return low
+        return float(self.feature_budget) if self.feature_budget is not None else math.sqrt(low)
 
     @property
     def token_budget(self) -> float:
-        return self.policy.budget
+        return self.policy.budget if self.policy is not None else 1.0
 
     # the token method's interface, as the eval harness reads it
     @property
     def decode(self) -> bool:
         return bool(getattr(self.policy, "decode", False))
 
-    def feature_part(self) -> Method:
+    def feature_part(self) -> Method | None:
+        if self.feature is None:
+            return None
         if self.feature_method is None:
             from . import get
 
@@ -201,58 +238,90 @@ class Composed(Method):
         return getattr(self.feature_method, "provenance", {}) if self.feature_method is not None else {}
 
     def prepare(self, model, tokenizer) -> "Composed":
-        self.feature_part().prepare(model, tokenizer)
+        if self.feature is not None:
+            self.feature_part().prepare(model, tokenizer)
         return self
 
     def fit(self, model, calib=None) -> "Composed":
-        self.feature_part().fit(model, calib)
+        if self.feature is not None:
+            self.feature_part().fit(model, calib)
         return self
 
     def rank(self, spec: ModelSpec) -> int:
-        return max(1, round(self.split * spec.head_dim))
+        """r = round(split x D), at least 1; with quantization a multiple of the codes per byte (8 / bits)."""
+        per = 1 if self.bits is None else 8 // self.bits
+        return min(spec.head_dim, max(per, per * round(self.split * spec.head_dim / per)))
 
-    def make_layer(self, layer_idx: int, spec: ModelSpec) -> ProjectedEvictionLayer:
+    def check(self, spec: ModelSpec) -> None:
+        if self.bits is not None and self.feature is None:
+            check_options(self.bits, self.group_size, self.residual, spec.head_dim)
+
+    def make_layer(self, layer_idx: int, spec: ModelSpec):
+        from .quant_composed import QuantEvictionLayer, QuantProjectedEvictionLayer, QuantProjectedLayer
+
+        if self.feature is None:  # tokens x precision
+            self.check(spec)
+            return QuantEvictionLayer(layer_idx, self.policy, self.bits, self.group_size)
         feature = self.feature_part()
         if getattr(feature, "key_bases", None) is None:
             raise RuntimeError(f"{self.feature} has no bases yet: call .prepare(model, tokenizer) or .fit(model, ids)")
         r = self.rank(spec)
         sinks = self.sinks if self.sinks is not None else int(getattr(feature, "sinks", 0))
-        sinks = 0 if r == spec.head_dim else sinks  # full-rank codes are exact: the token method alone
-        return ProjectedEvictionLayer(layer_idx, self.policy, feature.key_bases[layer_idx, :, :, :r],
-                                      feature.value_bases[layer_idx, :, :, :r], sinks)
+        sinks = 0 if r == spec.head_dim and self.bits is None else sinks  # exact codes: the token method alone
+        key_basis, value_basis = feature.key_bases[layer_idx, :, :, :r], feature.value_bases[layer_idx, :, :, :r]
+        if self.token is None:  # features x precision
+            return QuantProjectedLayer(layer_idx, key_basis, value_basis, self.bits, self.group_size, self.residual,
+                                       sinks)
+        if self.bits is None:  # features x tokens
+            return ProjectedEvictionLayer(layer_idx, self.policy, key_basis, value_basis, sinks)
+        return QuantProjectedEvictionLayer(layer_idx, self.policy, key_basis, value_basis, self.bits, self.group_size,
+                                           sinks)
 
     def compress(self, cache, **context) -> None:
-        self.policy.compress(cache, **context)
+        if self.policy is not None:
+            self.policy.compress(cache, **context)
 
 
-def search_split(model, tokenizer, budget: float, *, feature: str = "pca", token: str = "h2o",
-                 splits=None, n_chunks: int = 4, chunk_len: int = 512, context_frac: float = 0.75,
+def search_split(model, tokenizer, budget: float, *, feature: str | None = "pca", token: str | None = "h2o",
+                 splits=None, bits=(None,), n_chunks: int = 4, chunk_len: int = 512, context_frac: float = 0.75,
                  prepared: Method | None = None, progress: bool = False, **options):
-    """Pick the feature/token split of ``budget`` on calibration text: for each rank fraction in ``splits`` (default:
-    the rank fractions 1/8 .. 1 that are >= budget, on a grid of eighths) build the composition, compress the first
-    ``context_frac`` of each calibration chunk and score the rest (perplexity, "context" protocol); returns the best
-    :class:`Composed` and the table (pandas) of every split tried with its measured budget."""
+    """Pick the split of ``budget`` between the axes on calibration text: for each precision in ``bits`` (None = the
+    cache's dtype, or 2 / 4 / 8) and each rank fraction in ``splits`` (default: the fractions 1/8 .. 1 on a grid of
+    eighths that are >= budget / precision fraction; one, budget / precision, without a token method; 1 without a
+    feature method) build the composition, compress the first ``context_frac`` of each calibration chunk and score
+    the rest (perplexity, "context" protocol); returns the best :class:`Composed` and the table (pandas) of every
+    combination tried with its measured budget (bf16 view)."""
     import pandas as pd
 
     from ..data import text_chunks
     from ..eval.perplexity import perplexity
 
-    if splits is None:
-        splits = [f / 8 for f in range(1, 9) if f / 8 >= budget - 1e-12]
-    if not splits:
-        raise ValueError(f"no split to try: every rank fraction must be in [budget, 1] = [{budget}, 1]")
     chunks = text_chunks("wiki", tokenizer, chunk_len=chunk_len, n_chunks=n_chunks, split="calib", seed=2)
     spec = ModelSpec.from_model(model)
     feature_method, rows, methods = prepared, [], []
-    for f in splits:
-        method = Composed(budget=budget, feature=feature, token=token, feature_budget=f,
-                          feature_method=feature_method, **options)
-        if feature_method is None:
-            feature_method = method.prepare(model, tokenizer).feature_method
-        result = perplexity(model, tokenizer, method, chunks, protocol="context", context_frac=context_frac,
-                            progress=progress)
-        rows.append(dict(feature_budget=f, token_budget=method.token_budget, rank=method.rank(spec),
-                         ppl=result["ppl"], measured_budget=result["kv_bytes"]["budget"]))
-        methods.append(method)
+    for b in bits:
+        p = 1.0 if b is None else nominal_budget(b, options.get("group_size", 32))
+        if feature is None or token is None:
+            grid = [None]
+        elif splits is None:
+            grid = [f / 8 for f in range(1, 9) if f / 8 >= budget / p - 1e-12]
+        else:
+            grid = [f for f in splits if f >= budget / p - 1e-12]
+        for f in grid:
+            if (feature is None or token is None) and budget / p > 1.0 + 1e-12:
+                continue
+            method = Composed(budget=budget, feature=feature, token=token, feature_budget=f, bits=b,
+                              feature_method=feature_method, **options)
+            if feature is not None and feature_method is None:
+                feature_method = method.prepare(model, tokenizer).feature_method
+            result = perplexity(model, tokenizer, method, chunks, protocol="context", context_frac=context_frac,
+                                progress=progress)
+            rows.append(dict(bits=b, feature_budget=method.split, token_budget=method.token_budget,
+                             rank=method.rank(spec) if feature is not None else spec.head_dim, ppl=result["ppl"],
+                             measured_budget=result["kv_bytes"]["budget"]))
+            methods.append(method)
+    if not rows:
+        raise ValueError(f"no split to try: every rank fraction must be in [budget / precision fraction, 1] for "
+                         f"budget {budget} and bits {list(bits)}")
     table = pd.DataFrame(rows)
     return methods[int(table["ppl"].idxmin())], table
