@@ -95,6 +95,8 @@ def cmd_eval(args) -> int:
 
     try:
         model, tokenizer = load_model(args.model)
+        if hasattr(method, "check"):  # options that only the model can refute (e.g. keys=pre_rope without RoPE)
+            method.check(model)
     except ValueError as e:
         raise UsageError(str(e)) from e
     result = evaluate(model, tokenizer, method, tasks=tasks, ppl=corpora, limit=args.limit,

@@ -7,6 +7,7 @@ import dataclasses
 from .attention_gate import AttentionGate
 from .compose import KVCARReuse
 from .composed import Composed
+from .cross_layer import CrossLayer
 from .base import Full, Method, NoCompression
 from .matryoshka import MatryoshkaKV
 from .pca import PCA
@@ -17,7 +18,7 @@ from .token_methods import H2O, SnapKV, Streaming
 
 REGISTRY: dict[str, type[Method]] = {
     cls.name: cls for cls in (NoCompression, Full, PCA, MatryoshkaKV, KVCAR, Reuse, KVCARReuse, Streaming, H2O, SnapKV,
-                              KVCompress, AttentionGate, Composed)
+                              KVCompress, AttentionGate, Composed, CrossLayer)
 }
 
 
@@ -38,4 +39,4 @@ def get(name: str, budget: float | None = None, **options) -> Method:
 
 
 __all__ = ["Method", "NoCompression", "Full", "PCA", "MatryoshkaKV", "KVCAR", "Reuse", "KVCARReuse", "Streaming", "H2O",
-           "SnapKV", "KVCompress", "AttentionGate", "Composed", "REGISTRY", "get"]
+           "SnapKV", "KVCompress", "AttentionGate", "Composed", "CrossLayer", "REGISTRY", "get"]
