@@ -17,7 +17,7 @@ from kvlab.cli import main, parse_options
     (["eval", "--method", "full"], "nothing to evaluate"),
     (["eval", "--ppl", "wiki", "--limit", "0"], "--limit must be a positive integer"),
     (["eval", "--tasks", "piqa", "--fewshot", "-1"], "--fewshot must be >= 0"),
-    (["fit", "--method", "full", "--out", "x"], "method 'full' has nothing to fit; fittable methods: attention_gate, cross_layer, kvcar, matryoshka, pca, reuse"),
+    (["fit", "--method", "full", "--out", "x"], "method 'full' has nothing to fit; fittable methods: attention_gate, cross_layer, kvcar, matryoshka, pca, reuse, shared_basis"),
     (["fit", "--method", "bogus", "--out", "x"], "method 'bogus' is not a method; fittable methods: attention_gate"),
     (["eval", "--method", "bogus", "--ppl", "wiki"], "bogus"),
     (["fit", "--method", "reuse", "--search", "--out", "x"], "method 'reuse' has no rank search"),

@@ -8,6 +8,7 @@ from .attention_gate import AttentionGate
 from .compose import KVCARReuse
 from .composed import Composed
 from .cross_layer import CrossLayer
+from .shared_basis import SharedBasis
 from .base import Full, Method, NoCompression
 from .matryoshka import MatryoshkaKV
 from .pca import PCA
@@ -18,7 +19,7 @@ from .token_methods import H2O, SnapKV, Streaming
 
 REGISTRY: dict[str, type[Method]] = {
     cls.name: cls for cls in (NoCompression, Full, PCA, MatryoshkaKV, KVCAR, Reuse, KVCARReuse, Streaming, H2O, SnapKV,
-                              KVCompress, AttentionGate, Composed, CrossLayer)
+                              KVCompress, AttentionGate, Composed, CrossLayer, SharedBasis)
 }
 
 
@@ -39,4 +40,4 @@ def get(name: str, budget: float | None = None, **options) -> Method:
 
 
 __all__ = ["Method", "NoCompression", "Full", "PCA", "MatryoshkaKV", "KVCAR", "Reuse", "KVCARReuse", "Streaming", "H2O",
-           "SnapKV", "KVCompress", "AttentionGate", "Composed", "CrossLayer", "REGISTRY", "get"]
+           "SnapKV", "KVCompress", "AttentionGate", "Composed", "CrossLayer", "SharedBasis", "REGISTRY", "get"]

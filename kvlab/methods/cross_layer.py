@@ -21,7 +21,8 @@ Fitting (:meth:`CrossLayer.fit`, closed form, seconds): on calibration chunks, t
 [x_l, 1] and x_{l+1} per adjacent pair (positions < ``sinks`` left out) give the ridge least-squares map A and the
 residual covariance S_yy - A^T S_xy - S_xy^T A + A^T S_xx A without a second pass; the residual basis of each kv head
 is that covariance's eigenvectors (largest first). The maps are fitted on the true entries of the layer below
-(open loop) and used on its decoded ones.
+(open loop) and used on its decoded ones. Every adjacent pair is fitted, so one fit serves every ``group`` and rank
+(``dataclasses.replace(method, group=4)`` keeps the tensors; copy ``provenance`` along).
 
 Bytes (one predicted layer, per token): H_kv (key_rank + value_rank) codes + one int32 position (pre-RoPE keys need
 it to rotate on read) + the first ``sinks`` positions at full size, as in PCA; anchors hold everything. Maps and
@@ -198,7 +199,7 @@ class CrossLayer(Method):
     """Learned cross-layer prediction with low-rank residuals (see the module docstring).
 
     Fitted tensors: ``key_maps`` / ``value_maps`` (L, H_kv*D + 1, H_kv*D) (zeros for anchors), ``key_bases`` /
-    ``value_bases`` (L, H_kv, D, D) residual eigenvectors, largest first (identity for anchors).
+    ``value_bases`` (L, H_kv, D, D) residual eigenvectors, largest first (layer 0: zero map, identity basis).
     """
 
     name: ClassVar[str] = "cross_layer"
@@ -329,12 +330,12 @@ class CrossLayer(Method):
                     if prev is not None:
                         cross[l - 1, p] += prev[p].T @ parts[p]
                 prev = parts
-        key_maps = torch.zeros(L, width, H * D)
+        key_maps = torch.zeros(L, width, H * D)  # layer 0 has no layer below: zero map, identity basis
         value_maps = torch.zeros(L, width, H * D)
         key_bases = torch.eye(D).expand(L, H, D, D).clone()
         value_bases = key_bases.clone()
         gain = torch.full((L, 2), float("nan"))
-        for l in self.predicted(spec):
+        for l in range(1, L):  # every adjacent pair: one fit serves every group size (anchors ignore theirs)
             for p, (maps, bases) in enumerate(((key_maps, key_bases), (value_maps, value_bases))):
                 sxx, sxy, syy = moments[l - 1, p], cross[l - 1, p][:, :-1], moments[l, p][:-1, :-1]
                 a = self._solve(sxx, sxy, H, D)  # (H*D + 1, H*D)
@@ -349,7 +350,7 @@ class CrossLayer(Method):
         self.key_maps, self.value_maps, self.key_bases, self.value_bases = key_maps, value_maps, key_bases, value_bases
         self.metrics["explained"] = {"K": gain[:, 0].tolist(), "V": gain[:, 1].tolist()}
         self.provenance = {"calib_shape": list(calib.shape), "tokens": int(calib.numel()), "keys": mode,
-                           "map": self.map, "group": self.group, "sinks_skipped": self.sinks, "ridge": self.ridge,
+                           "map": self.map, "sinks_skipped": self.sinks, "ridge": self.ridge,
                            "seconds": round(time.perf_counter() - tic, 1)}
         return self
 
