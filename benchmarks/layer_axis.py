@@ -22,14 +22,15 @@ CORPORA = ("wiki", "c4", "essays")
 
 
 def parse(config: str) -> tuple[str, dict, float]:
-    """``full``, ``reuse@0.5``, ``kvcar@0.5`` or ``cl-g<group>-<map>[-post][-k<key_rank>]@budget``."""
+    """``full``, ``reuse@0.5``, ``kvcar@0.5``, ``cl-g<group>-<map>[-post][-k<key_rank>]@budget`` (cross_layer) or
+    ``sb-g<group>[-post][-k<key_rank>]@budget`` (shared_basis)."""
     label, _, budget = config.partition("@")
     budget = float(budget) if budget else 1.0
     if label in ("full", "reuse", "kvcar"):
         return label, {}, budget
-    if not label.startswith("cl-"):
-        raise SystemExit(f"unknown config {config!r}: full, reuse@b, kvcar@b or cl-g<group>-<head|layer|none>"
-                         f"[-post][-k<rank>]@b")
+    if not label.startswith(("cl-", "sb-")):
+        raise SystemExit(f"unknown config {config!r}: full, reuse@b, kvcar@b, cl-g<group>-<head|layer|none>"
+                         f"[-post][-k<rank>]@b or sb-g<group>[-post][-k<rank>]@b")
     options = {}
     for part in label.split("-")[1:]:
         if part.startswith("g"):
@@ -42,7 +43,7 @@ def parse(config: str) -> tuple[str, dict, float]:
             options["key_rank"] = int(part[1:])
         else:
             raise SystemExit(f"cannot read {part!r} in {config!r}")
-    return "cross_layer", options, budget
+    return ("cross_layer" if label.startswith("cl-") else "shared_basis"), options, budget
 
 
 def essays(tokenizer, n_chunks: int, chunk_len: int = 512):
@@ -64,12 +65,13 @@ def run(configs: list[str], out: Path, chunks: int, calib_chunks: int, corpora=C
     from kvlab.data import text_chunks
     from kvlab.eval.perplexity import perplexity
     from kvlab.methods.cross_layer import CrossLayer
+    from kvlab.methods.shared_basis import SharedBasis
 
     out.mkdir(parents=True, exist_ok=True)
     model, tok = kvlab.load_model("smollm2")
     spec = kvlab.ModelSpec.from_model(model)
     data = {"wiki": "wiki", "c4": "c4", "essays": essays(tok, chunks) if "essays" in corpora else None}
-    fits: dict[tuple, CrossLayer] = {}
+    fits: dict[tuple, object] = {}
     for config in configs:
         path = out / f"{config}.json"
         if path.exists():
@@ -78,16 +80,19 @@ def run(configs: list[str], out: Path, chunks: int, calib_chunks: int, corpora=C
         name, options, budget = parse(config)
         tic = time.perf_counter()
         extra = {}
-        if name == "cross_layer":
-            key = (options.get("map", "head"), options.get("keys"))
+        if name in ("cross_layer", "shared_basis"):
+            cls = CrossLayer if name == "cross_layer" else SharedBasis
+            key = (name, options.get("map", "head") if name == "cross_layer" else None, options.get("keys"))
             if key not in fits:
                 calib = text_chunks("wiki", tok, chunk_len=512, n_chunks=calib_chunks, split="calib")
-                fits[key] = CrossLayer(map=key[0], keys=key[1]).fit(model, calib)
+                fits[key] = cls(**({"map": key[1]} if key[1] else {}), keys=key[2]).fit(model, calib)
             base = fits[key]
             method = dataclasses.replace(base, budget=budget, **options)
             method.provenance, method.metrics = base.provenance, base.metrics
-            extra = {"ranks": method.ranks(spec), "codes_fraction": method.kept_fraction(spec),
-                     "parameter_bytes": method.parameter_bytes(spec), "fit": base.provenance}
+            extra = {"ranks": method.ranks(spec), "parameter_bytes": method.parameter_bytes(spec),
+                     "fit": base.provenance}
+            if name == "shared_basis":
+                extra["energy_kept"] = method.energy(spec)
         else:
             method = kvlab.methods.get(name, budget).prepare(model, tok)
         row = {"config": config, "method": name, "options": options, "budget": budget, **extra}
