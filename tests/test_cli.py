@@ -17,7 +17,7 @@ from kvlab.cli import main, parse_options
     (["eval", "--method", "full"], "nothing to evaluate"),
     (["eval", "--ppl", "wiki", "--limit", "0"], "argument --limit: expected an integer >= 1"),
     (["eval", "--tasks", "piqa", "--fewshot", "-1"], "argument --fewshot: expected an integer >= 0"),
-    (["fit", "--method", "full", "--out", "x"], "method 'full' has nothing to fit; fittable methods: attention_gate, kvcar, matryoshka, pca, reuse"),
+    (["fit", "--method", "full", "--out", "x"], "method 'full' has nothing to fit; fittable methods: attention_gate, cross_layer, kvcar, matryoshka, pca, reuse, shared_basis"),
     (["fit", "--method", "bogus", "--out", "x"], "argument --method: unknown method 'bogus'; choose method from: "),
     (["eval", "--method", "bogus", "--ppl", "wiki"], "bogus"),
     (["fit", "--method", "reuse", "--search", "--out", "x"], "method 'reuse' has no rank search"),

@@ -131,6 +131,12 @@ def check_03_layer_similarity_reuse(results: dict) -> None:
         for corpus in ("wiki", "c4"):
             ratio = results["ppl_ratio"][corpus][name]
             assert 1.0 < ratio["0.75"] < ratio["0.52"]  # compression costs, more at the smaller budget
+    layer = results["layer_axis"]  # issue 19: cross-layer prediction and shared bases, bytes measured
+    assert set(layer) == {"cross_layer (pre-RoPE)", "shared_basis g2 (pre-RoPE)"} and results["layer_budget"] == 0.515
+    for row in layer.values():
+        assert abs(row["measured"] - row["theoretical"]) <= 0.02 * row["theoretical"]
+        assert 0.45 <= row["measured"] <= 0.515 + 0.02  # codes + sink copies + positions
+        assert all(ratio > 1.0 for ratio in row["ppl_ratio"].values())
     for corpus in ("wiki", "c4"):  # measured order at equal bytes: codes < both < reuse
         r = results["ppl_ratio"][corpus]
         for b in budgets:

@@ -7,6 +7,8 @@ import difflib
 from .attention_gate import AttentionGate
 from .kvcar_reuse import KVCARReuse
 from .feature_x_token import Composed
+from .cross_layer import CrossLayer
+from .shared_basis import SharedBasis
 from .base import Full, Method, NoCompression
 from . import options as _options
 from .matryoshka import MatryoshkaKV
@@ -19,7 +21,7 @@ from .token_methods import H2O, SnapKV, Streaming
 
 REGISTRY: dict[str, type[Method]] = {
     cls.name: cls for cls in (NoCompression, Full, PCA, MatryoshkaKV, KVCAR, Reuse, KVCARReuse, Streaming, H2O, SnapKV,
-                              KVCompress, AttentionGate, Composed, Quant)
+                              KVCompress, AttentionGate, Composed, Quant, CrossLayer, SharedBasis)
 }
 
 
@@ -37,4 +39,4 @@ def get(name: str, budget: float | None = None, **options) -> Method:
 
 
 __all__ = ["Method", "NoCompression", "Full", "PCA", "MatryoshkaKV", "KVCAR", "Reuse", "KVCARReuse", "Streaming", "H2O",
-           "SnapKV", "KVCompress", "AttentionGate", "Composed", "Quant", "REGISTRY", "get"]
+           "SnapKV", "KVCompress", "AttentionGate", "Composed", "Quant", "CrossLayer", "SharedBasis", "REGISTRY", "get"]
