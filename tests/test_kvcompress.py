@@ -26,7 +26,7 @@ def _compressed(model, method, ids, mask=None, pos=None):
     return cache, before
 
 
-def _metric(probs, n, width, window, metric, kernel, agg, n_kv):
+def _metric(probs, n, width, window, metric, kernel, agg, n_kv, align="center"):
     """Independent KV-Compress metric for one row: probs (H, T, T) of a left-padded row with ``n`` real tokens ->
     (H_kv, n) per real token (window tokens unpooled)."""
     w = min(window, width)
@@ -36,7 +36,8 @@ def _metric(probs, n, width, window, metric, kernel, agg, n_kv):
     if kernel > 1 and earlier:
         pooled = per_head.clone()
         for k in range(earlier):
-            pooled[:, k] = per_head[:, max(0, k - kernel // 2): min(earlier, k + kernel // 2 + 1)].amax(-1)
+            lo, hi = (k - kernel + 1, k + 1) if align == "after" else (k - kernel // 2, k + kernel // 2 + 1)
+            pooled[:, k] = per_head[:, max(0, lo): min(earlier, hi)].amax(-1)
         per_head = pooled
     grouped = per_head.view(n_kv, -1, n)
     return grouped.sum(1) if agg == "sum" else grouped.amax(1)
@@ -48,15 +49,18 @@ def _kept_columns(layer, b, h):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
-@pytest.mark.parametrize("metric,agg,kernel", [("l1", "sum", 1), ("l2", "max", 1), ("l2", "sum", 3), ("max", "sum", 3)])
-def test_keeps_protected_then_best_metric_in_whole_blocks_with_a_global_budget(arch, metric, agg, kernel):
+@pytest.mark.parametrize("metric,agg,kernel,align", [("l1", "sum", 1, "center"), ("l2", "max", 1, "center"),
+                                                     ("l2", "sum", 3, "center"), ("max", "sum", 3, "center"),
+                                                     ("l2", "sum", 5, "after")])
+def test_keeps_protected_then_best_metric_in_whole_blocks_with_a_global_budget(arch, metric, agg, kernel, align):
     model = kvlab.tiny_model(arch)
     spec = kvlab.ModelSpec.from_model(model)
     lengths, S, window, sinks, budget = [60, 37], 4, 6, 2, 0.3
     ids, mask, pos = left_padded_batch(97, lengths, seed=7)
     width = ids.shape[1]
     cap = kvlab.capture(model, ids, mask, what=("probs",))
-    method = KVCompress(budget, window=window, metric=metric, group_agg=agg, kernel=kernel, sinks=sinks, block_size=S)
+    method = KVCompress(budget, window=window, metric=metric, group_agg=agg, kernel=kernel, sinks=sinks, block_size=S,
+                        pool_align=align)
     cache, _ = _compressed(model, method, ids, mask, pos)
     for b, n in enumerate(lengths):
         counts = torch.stack([layer.lengths[b] for layer in cache.layers])  # (L, H_kv)
@@ -65,7 +69,7 @@ def test_keeps_protected_then_best_metric_in_whole_blocks_with_a_global_budget(a
         assert all(int(c) % S == 0 or int(c) == n for c in counts.flatten())  # whole blocks (or everything)
         units = []  # (mean metric, layer, head, first unit?) of the last unit taken / first left, per head
         for i, layer in enumerate(cache.layers):
-            m = _metric(cap.probs[i][b], n, width, window, metric, kernel, agg, spec.n_kv_heads)  # (H_kv, n)
+            m = _metric(cap.probs[i][b], n, width, window, metric, kernel, agg, spec.n_kv_heads, align)  # (H_kv, n)
             for h in range(spec.n_kv_heads):
                 kept = [c - (width - n) for c in _kept_columns(layer, b, h)]  # real-token positions 0..n-1
                 protected = set(range(sinks)) | set(range(n - window, n))
@@ -208,6 +212,7 @@ def test_registry_and_cache_type():
     (dict(budget=0.0), r"budget must be in \(0, 1\]"),
     (dict(metric="l3"), "metric must be one of l1, l2, max"),
     (dict(floor=-1), "floor must be an int >= 0"),
+    (dict(pool_align="left"), "pool_align must be one of center, after"),
     (dict(group_agg="mean"), "group_agg must be one of sum, max"),
     (dict(kernel=4), "kernel must be odd"),
     (dict(kernel=0), "kernel must be an int >= 1"),

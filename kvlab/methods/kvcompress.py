@@ -10,7 +10,10 @@ What the paper does, in this package's terms (protocol "compress the context, th
    ``"l2"`` takes the root of the sum of their squares (the paper's squared-attention metric; the default), ``"max"``
    the largest probability any window query gives it (issue 22: a token one question token points at is not
    outvoted by the many window queries that ignore it).
-   Optional max pooling along positions (``kernel`` > 1, as SnapKV; 1 = none). Query-group compression: the metric
+   Optional max pooling along positions (``kernel`` > 1, as SnapKV; 1 = none), centred on the token
+   (``pool_align="center"``) or over it and the ``kernel - 1`` tokens before it (``"after"``, issue 22: a token
+   is kept when a token shortly before it scores high, so the kept span runs *after* what the window attends to;
+   a question attends to the needle's key, and the answer follows the key). Query-group compression: the metric
    of a kv head's token aggregates its GQA group's query heads (``group_agg="sum"`` or ``"max"``), so the cache of a
    kv head is compressed once, never repeated per query head.
    Shapes: window probabilities (B, H_kv, G, w, C) -> per query head (B, H_kv, G, C) -> per kv head (B, H_kv, C).
@@ -53,6 +56,7 @@ from .token_methods import TokenEviction, _check_int
 METRICS = ("l1", "l2", "max")
 GROUP_AGGS = ("sum", "max")
 SCOPES = ("model", "layer")
+POOL_ALIGNS = ("center", "after")
 
 
 @dataclass
@@ -64,7 +68,8 @@ class KVCompress(TokenEviction):
     ("sum", "max" over the query heads of a GQA group), ``kernel`` (odd max-pooling width, 1 = none), ``sinks``
     (first real tokens protected), ``block_size`` (tokens per block), ``scope`` ("model": the paper's one ranking
     over every layer and head; "layer": each layer keeps ``budget`` of its own tokens, ranked across its heads),
-    ``floor`` (tokens every (layer, kv head) keeps at least, rounded up to blocks; 0 = none, the paper).
+    ``floor`` (tokens every (layer, kv head) keeps at least, rounded up to blocks; 0 = none, the paper),
+    ``pool_align`` ("center": the pooling window centred on the token; "after": the token and the ones before it).
 
     Errors (``ValueError`` at ``compress``): an observation window longer than a row's context (the window would
     be the whole prompt: nothing is observed "from the end"), a floor above the per-head budget.
@@ -81,6 +86,7 @@ class KVCompress(TokenEviction):
     block_size: int = 16
     scope: str = "model"
     floor: int = 0
+    pool_align: str = "center"
 
     def __post_init__(self):
         super().__post_init__()
@@ -95,6 +101,8 @@ class KVCompress(TokenEviction):
             raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
         if self.group_agg not in GROUP_AGGS:
             raise ValueError(f"group_agg must be one of {', '.join(GROUP_AGGS)}, got {self.group_agg!r}")
+        if self.pool_align not in POOL_ALIGNS:
+            raise ValueError(f"pool_align must be one of {', '.join(POOL_ALIGNS)}, got {self.pool_align!r}")
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
 
@@ -139,7 +147,11 @@ class KVCompress(TokenEviction):
             earlier = (occupied & ~in_window)[:, :, None]  # (B, H_kv, 1, C)
             batch, heads, group, slots = stat.shape
             x = stat.masked_fill(~earlier, float("-inf")).reshape(batch * heads * group, 1, slots)
-            pooled = F.max_pool1d(x, self.kernel, stride=1, padding=self.kernel // 2).reshape(stat.shape)
+            if self.pool_align == "after":  # window [i - kernel + 1, i]: the span after a hot token is kept
+                x = F.pad(x, (self.kernel - 1, 0), value=float("-inf"))
+                pooled = F.max_pool1d(x, self.kernel, stride=1).reshape(stat.shape)
+            else:
+                pooled = F.max_pool1d(x, self.kernel, stride=1, padding=self.kernel // 2).reshape(stat.shape)
             stat = torch.where(earlier, pooled, stat)
         score = (stat.sum(2) if self.group_agg == "sum" else stat.amax(2)).double()  # (B, H_kv, C)
         return score.masked_fill(~occupied, float("-inf"))
