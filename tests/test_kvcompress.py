@@ -124,12 +124,13 @@ def test_layer_scope_gives_every_layer_its_own_budget_ranked_across_its_heads():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
 @pytest.mark.parametrize("budget", [0.5, 0.25, 0.125])
-def test_eviction_frees_blocks_and_measured_bytes_follow_the_theoretical_ones(arch, budget):
+@pytest.mark.parametrize("options", [{}, {"floor": 20, "kernel": 7, "pool_align": "after", "metric": "max"}])
+def test_eviction_frees_blocks_and_measured_bytes_follow_the_theoretical_ones(arch, budget, options):
     model = kvlab.tiny_model(arch)
     spec = kvlab.ModelSpec.from_model(model)
     batch, tokens, S = 2, 300, 4
     ids = torch.randint(3, 97, (batch, tokens))
-    method = KVCompress(budget, block_size=S, window=8)
+    method = KVCompress(budget, block_size=S, window=8, **options)
     with torch.no_grad(), method.apply(model) as cache:
         _forward(model, ids, None, None, cache)
         before = cache.pool.blocks_in_use
