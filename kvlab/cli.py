@@ -96,8 +96,11 @@ def cmd_eval(args) -> int:
         method.check(models.ModelSpec.from_model(model))  # options that depend on the geometry (head_dim, ...)
     except ValueError as e:
         raise UsageError(str(e)) from e
-    result = evaluate(model, tokenizer, method, tasks=tasks, ppl=corpora, limit=args.limit,
-                      context_len=args.context_len, seed=args.seed, protocol=protocol, num_fewshot=args.fewshot)
+    try:  # options that only meet the data here (e.g. an observation window longer than the context)
+        result = evaluate(model, tokenizer, method, tasks=tasks, ppl=corpora, limit=args.limit,
+                          context_len=args.context_len, seed=args.seed, protocol=protocol, num_fewshot=args.fewshot)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     result["model"] = args.model
     text = json.dumps(result, indent=2)
     if args.json:

@@ -46,6 +46,9 @@ BATCH_FULL_SEQS = 8  # section 4: memory budget = the full cache of this many ME
 ADMIT_LEN = 1024  # section 4: real admission run into one shared pool: context tokens per sequence
 ADMIT_RATE = 8
 ADMIT_FULL_SEQS = 2  # the pool's fixed capacity = the full cache of this many ADMIT_LEN-token sequences
+DIAG_LEN = 1024  # section 6 (issue 22's diagnosis): needle tokens, items, compression rate
+DIAG_N = 4
+DIAG_RATE = 8
 SEED = 0
 
 # %%
@@ -54,6 +57,7 @@ if QUICK:
     MEM_LEN, MEM_RATES = 512, (2, 8, 32)
     NEEDLE_LEN, NEEDLE_N, QUALITY_RATES, SETTINGS = 512, 1, (2, 8), ("query_aware",)
     ADMIT_LEN = 256
+    DIAG_LEN, DIAG_N = 256, 1
 
 import math
 import os
@@ -474,6 +478,49 @@ claims = pd.DataFrame([
 with pd.option_context("display.max_colwidth", None):
     display(claims)
 
+# %% [markdown]
+# ## 6 · Where does the needle go? (issue 22)
+# For `DIAG_N` needle items (query-aware: the question is in the compressed prefill), `kvlab.analysis.needle_trace`
+# reads, per (layer, kv head), which of the value's digit tokens are still cached after compress at `DIAG_RATE`x, and
+# `retrieval_share` gives the full model's reference: the share of the observation window's attention (the last 32
+# prompt queries: the question and the chat template) that lands on those digits. Variants: the paper's metric and
+# one model-wide ranking; max pooling over 15 positions with per-layer budgets (the best of issue 6); the same
+# pooling aligned *after* the token (a token is kept if a token shortly before it scores high); a per-head floor.
+
+# %%
+from kvlab.analysis.needle_trace import needle_trace, retrieval_share
+
+T_DIAG = time.perf_counter()
+DIAG_VARIANTS = {"paper": {}, "pool 15, per layer": {"kernel": 15, "scope": "layer"},
+                 "pool 15 after, per layer": {"kernel": 15, "scope": "layer", "pool_align": "after"},
+                 "pool 15, floor 1/2": {"kernel": 15, "floor": DIAG_LEN // DIAG_RATE // 2}}
+diag_items = [it for i in range(DIAG_N) for it in
+              kvlab.data.needle(tok, context_len=DIAG_LEN, depth=(i + 0.5) / DIAG_N, seed=SEED * 1000 + i)]
+share = torch.stack([retrieval_share(model, tok, it) for it in diag_items]).mean(0)  # (L, H_kv)
+traces = {name: [needle_trace(model, tok, kvlab.methods.get("kvcompress", 1 / DIAG_RATE, **opts), it)
+                 for it in diag_items] for name, opts in DIAG_VARIANTS.items()}
+kept_mean = {name: torch.stack([t.kept for t in ts]).mean(0) for name, ts in traces.items()}  # (L, H_kv)
+counts_mean = {name: torch.stack([t.counts.double() for t in ts]).mean(0) for name, ts in traces.items()}
+top = share.flatten().topk(5).indices  # the five heads that attend most to the value
+diagnosis = pd.DataFrame([{
+    "variant": name,
+    "heads keeping the whole value": float(np.mean([int(t.all_kept().sum()) for t in ts])),
+    "value kept, 5 top retrieval heads": float(kept_mean[name].flatten()[top].mean()),
+    "tokens kept, 5 top retrieval heads": float(counts_mean[name].flatten()[top].mean()),
+    "tokens kept, median head": float(counts_mean[name].median()),
+} for name, ts in traces.items()]).set_index("variant")
+display(diagnosis.round(2))
+
+fig, axes = plt.subplots(1, 2 + len(DIAG_VARIANTS), figsize=(3.0 * (2 + len(DIAG_VARIANTS)), 4.2))
+heatmap(axes[0], share.numpy(), cbar_label="window attention on the value", title="retrieval share (full)")
+heatmap(axes[1], counts_mean["paper"].numpy(), cbar_label="tokens kept", title="paper: tokens per head")
+for ax, name in zip(axes[2:], DIAG_VARIANTS):
+    heatmap(ax, kept_mean[name].numpy(), cbar_label="value tokens kept", vmin=0, vmax=1, title=name)
+fig.suptitle(f"needle value at {DIAG_RATE}x, query-aware ({DIAG_N} items of {DIAG_LEN} tokens)")
+fig.tight_layout()
+_ = savefig(fig, "needle_trace")
+seconds["diagnosis"] = time.perf_counter() - T_DIAG
+
 # %%
 seconds["total"] = time.perf_counter() - T_START
 
@@ -517,6 +564,9 @@ results = {
                                               batch_table["KV-Compress counts, dense padded"].items()},
                   "admission": admission},
     "claims": claims.to_dict("records"),
+    "diagnosis": {"context_len": DIAG_LEN, "n": DIAG_N, "rate": DIAG_RATE, "setting": "query_aware",
+                  "share_max": float(share.max()), "table": diagnosis.reset_index().to_dict("records"),
+                  "top_heads": top.tolist()},
     "seconds": seconds,
     "key_figure": key_figure.name,
 }

@@ -26,17 +26,18 @@ def _compressed(model, method, ids, mask=None, pos=None):
     return cache, before
 
 
-def _metric(probs, n, width, window, metric, kernel, agg, n_kv):
+def _metric(probs, n, width, window, metric, kernel, agg, n_kv, align="center"):
     """Independent KV-Compress metric for one row: probs (H, T, T) of a left-padded row with ``n`` real tokens ->
     (H_kv, n) per real token (window tokens unpooled)."""
     w = min(window, width)
     obs = probs[:, width - w:, width - n:]  # (H, w, n) window queries -> real keys
-    per_head = obs.sum(1) if metric == "l1" else obs.square().sum(1).sqrt()  # (H, n)
+    per_head = {"l1": obs.sum(1), "l2": obs.square().sum(1).sqrt(), "max": obs.amax(1)}[metric]  # (H, n)
     earlier = n - min(w, n)  # real tokens before the window
     if kernel > 1 and earlier:
         pooled = per_head.clone()
         for k in range(earlier):
-            pooled[:, k] = per_head[:, max(0, k - kernel // 2): min(earlier, k + kernel // 2 + 1)].amax(-1)
+            lo, hi = (k - kernel + 1, k + 1) if align == "after" else (k - kernel // 2, k + kernel // 2 + 1)
+            pooled[:, k] = per_head[:, max(0, lo): min(earlier, hi)].amax(-1)
         per_head = pooled
     grouped = per_head.view(n_kv, -1, n)
     return grouped.sum(1) if agg == "sum" else grouped.amax(1)
@@ -48,15 +49,18 @@ def _kept_columns(layer, b, h):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
-@pytest.mark.parametrize("metric,agg,kernel", [("l1", "sum", 1), ("l2", "max", 1), ("l2", "sum", 3)])
-def test_keeps_protected_then_best_metric_in_whole_blocks_with_a_global_budget(arch, metric, agg, kernel):
+@pytest.mark.parametrize("metric,agg,kernel,align", [("l1", "sum", 1, "center"), ("l2", "max", 1, "center"),
+                                                     ("l2", "sum", 3, "center"), ("max", "sum", 3, "center"),
+                                                     ("l2", "sum", 5, "after")])
+def test_keeps_protected_then_best_metric_in_whole_blocks_with_a_global_budget(arch, metric, agg, kernel, align):
     model = kvlab.tiny_model(arch)
     spec = kvlab.ModelSpec.from_model(model)
     lengths, S, window, sinks, budget = [60, 37], 4, 6, 2, 0.3
     ids, mask, pos = left_padded_batch(97, lengths, seed=7)
     width = ids.shape[1]
     cap = kvlab.capture(model, ids, mask, what=("probs",))
-    method = KVCompress(budget, window=window, metric=metric, group_agg=agg, kernel=kernel, sinks=sinks, block_size=S)
+    method = KVCompress(budget, window=window, metric=metric, group_agg=agg, kernel=kernel, sinks=sinks, block_size=S,
+                        pool_align=align)
     cache, _ = _compressed(model, method, ids, mask, pos)
     for b, n in enumerate(lengths):
         counts = torch.stack([layer.lengths[b] for layer in cache.layers])  # (L, H_kv)
@@ -65,7 +69,7 @@ def test_keeps_protected_then_best_metric_in_whole_blocks_with_a_global_budget(a
         assert all(int(c) % S == 0 or int(c) == n for c in counts.flatten())  # whole blocks (or everything)
         units = []  # (mean metric, layer, head, first unit?) of the last unit taken / first left, per head
         for i, layer in enumerate(cache.layers):
-            m = _metric(cap.probs[i][b], n, width, window, metric, kernel, agg, spec.n_kv_heads)  # (H_kv, n)
+            m = _metric(cap.probs[i][b], n, width, window, metric, kernel, agg, spec.n_kv_heads, align)  # (H_kv, n)
             for h in range(spec.n_kv_heads):
                 kept = [c - (width - n) for c in _kept_columns(layer, b, h)]  # real-token positions 0..n-1
                 protected = set(range(sinks)) | set(range(n - window, n))
@@ -120,12 +124,13 @@ def test_layer_scope_gives_every_layer_its_own_budget_ranked_across_its_heads():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
 @pytest.mark.parametrize("budget", [0.5, 0.25, 0.125])
-def test_eviction_frees_blocks_and_measured_bytes_follow_the_theoretical_ones(arch, budget):
+@pytest.mark.parametrize("options", [{}, {"floor": 20, "kernel": 7, "pool_align": "after", "metric": "max"}])
+def test_eviction_frees_blocks_and_measured_bytes_follow_the_theoretical_ones(arch, budget, options):
     model = kvlab.tiny_model(arch)
     spec = kvlab.ModelSpec.from_model(model)
     batch, tokens, S = 2, 300, 4
     ids = torch.randint(3, 97, (batch, tokens))
-    method = KVCompress(budget, block_size=S, window=8)
+    method = KVCompress(budget, block_size=S, window=8, **options)
     with torch.no_grad(), method.apply(model) as cache:
         _forward(model, ids, None, None, cache)
         before = cache.pool.blocks_in_use
@@ -193,7 +198,7 @@ def test_perplexity_context_protocol_at_budget_one_equals_full():
     model = kvlab.tiny_model("gpt2")
     chunks = torch.randint(3, 97, (3, 40))
     full = perplexity(model, None, kvlab.methods.Full(), chunks, protocol="context", progress=False)
-    same = perplexity(model, None, KVCompress(1.0, block_size=4), chunks, protocol="context", progress=False)
+    same = perplexity(model, None, KVCompress(1.0, block_size=4, window=8), chunks, protocol="context", progress=False)
     assert same["ppl"] == pytest.approx(full["ppl"], rel=1e-5)
 
 
@@ -206,7 +211,9 @@ def test_registry_and_cache_type():
 
 @pytest.mark.parametrize("options,match", [
     (dict(budget=0.0), r"budget must be in \(0, 1\]"),
-    (dict(metric="l3"), "metric must be one of l1, l2"),
+    (dict(metric="l3"), "metric must be one of l1, l2, max"),
+    (dict(floor=-1), "floor must be an int >= 0"),
+    (dict(pool_align="left"), "pool_align must be one of center, after"),
     (dict(group_agg="mean"), "group_agg must be one of sum, max"),
     (dict(kernel=4), "kernel must be odd"),
     (dict(kernel=0), "kernel must be an int >= 1"),
@@ -224,7 +231,7 @@ def test_bad_options_raise(options, match):
 def test_misuse_fails_loudly(capsys):
     model = kvlab.tiny_model("llama")
     ids = torch.randint(3, 97, (2, 12))
-    method = KVCompress(0.5, block_size=4)
+    method = KVCompress(0.5, block_size=4, window=8)
     with pytest.raises(ValueError, match="unknown option"):
         kvlab.methods.get("kvcompress", 0.5, recent_frac=0.5)
     with torch.no_grad(), method.apply(model) as cache:
@@ -243,7 +250,7 @@ def test_misuse_fails_loudly(capsys):
     with pytest.raises(ValueError, match="eviction layers"):
         method.compress(kvlab.methods.get("snapkv", 0.5).new_cache(model))  # dense eviction layers, not paged
     assert main(["eval", "--method", "kvcompress", "--opt", "metric=l3", "--tasks", "needle"]) == 2
-    assert "metric must be one of l1, l2" in capsys.readouterr().err
+    assert "metric must be one of l1, l2, max" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("scope", ["model", "layer"])
@@ -302,3 +309,57 @@ def test_decode_after_compress_equals_the_plain_model_hiding_the_evicted_entries
     finally:
         model.set_attn_implementation(before)
     torch.testing.assert_close(torch.stack(step_logits), reference[0, P - 1:], atol=2e-5, rtol=1e-4)
+
+
+def test_observation_window_longer_than_the_context_is_an_error(capsys):
+    model = kvlab.tiny_model("llama")
+    ids, mask, pos = left_padded_batch(97, [20, 9], seed=2)
+    method = KVCompress(0.5, block_size=4, window=10)
+    with torch.no_grad(), method.apply(model) as cache:
+        _forward(model, ids, mask, pos, cache)
+        with pytest.raises(ValueError, match=r"observation window \(10 queries\) is longer than the context \(9 real"):
+            method.compress(cache, attention_mask=mask)
+    # the command line: wiki chunks of 512 tokens, 256 of context < the window -> exit 2 with the message
+    assert main(["eval", "--method", "kvcompress", "--opt", "window=300", "--ppl", "wiki", "--limit", "1",
+                 "--protocol", "context"]) == 2
+    assert "longer than the context (256 real tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scope", ["model", "layer"])
+def test_floor_gives_every_head_at_least_its_floor_in_whole_blocks(scope):
+    model = kvlab.tiny_model("llama")
+    ids = torch.randint(3, 97, (1, 200))
+    S, floor, budget = 4, 10, 0.25
+    cache, _ = _compressed(model, KVCompress(budget, block_size=S, window=4, sinks=2, floor=floor, scope=scope), ids)
+    counts = torch.stack([layer.lengths[0] for layer in cache.layers])  # (L, H_kv)
+    assert (counts >= 12).all() and (counts % S == 0).all()  # floor rounded up to whole blocks
+    if scope == "model":
+        assert abs(int(counts.sum()) - budget * 200 * counts.numel()) <= S / 2  # still one global budget
+    plain, _ = _compressed(model, KVCompress(budget, block_size=S, window=4, sinks=2, scope=scope), ids)
+    plain_counts = torch.stack([layer.lengths[0] for layer in plain.layers])
+    assert int(counts.sum()) == int(plain_counts.sum())
+    for layer, ref in zip(cache.layers, plain.layers):  # the floor's tokens: each head's best by its own metric
+        for h in range(layer.n_heads):
+            if int(ref.lengths[0, h]) >= int(layer.lengths[0, h]):
+                assert set(_kept_columns(layer, 0, h)) <= set(_kept_columns(ref, 0, h))
+
+
+def test_floor_above_the_budget_is_an_error(capsys):
+    model = kvlab.tiny_model("llama")
+    ids = torch.randint(3, 97, (1, 64))
+    method = KVCompress(0.125, block_size=4, window=4, floor=9)  # 12 per head > 8 per head
+    with torch.no_grad(), method.apply(model) as cache:
+        _forward(model, ids, None, None, cache)
+        with pytest.raises(ValueError, match="floor=9 tokens per .* is above the budget"):
+            method.compress(cache)
+
+
+def test_full_budget_with_a_floor_and_max_metric_equals_full():
+    from kvlab.eval.perplexity import perplexity
+
+    model = kvlab.tiny_model("llama")
+    chunks = torch.randint(3, 97, (2, 48))
+    full = perplexity(model, None, kvlab.methods.Full(), chunks, protocol="context", progress=False)
+    same = perplexity(model, None, KVCompress(1.0, block_size=4, window=8, floor=8, metric="max"), chunks,
+                      protocol="context", progress=False)
+    assert same["ppl"] == pytest.approx(full["ppl"], rel=1e-5)

@@ -273,6 +273,12 @@ def check_05_paged_eviction(results: dict) -> None:
     # variable per-head rates: stored densely (each layer padded to its longest head) they would cost more
     assert mem["kvcompress_dense_padded"]["8"] > 1.05 * mem["theoretical"]["kvcompress"]["8"]
     assert mem["kvcompress_head_min"]["8"] < mem["kvcompress_head_max"]["8"]
+    diag = results["diagnosis"]  # issue 22: where the needle's value tokens go, per variant
+    assert (diag["context_len"], diag["n"], diag["rate"]) == (256, 1, 8) and 0 < diag["share_max"] <= 1
+    assert [r["variant"] for r in diag["table"]][0] == "paper" and len(diag["top_heads"]) == 5
+    for row in diag["table"]:
+        assert 0 <= row["heads keeping the whole value"] <= 90
+        assert 0 <= row["value kept, 5 top retrieval heads"] <= 1 and row["tokens kept, median head"] >= 16
     batch = results["max_batch"]
     assert batch["full"] == batch["full_seqs"] == 8 and batch["budget_bytes"] == 8 * mem["full_measured"]
     for m in methods:  # the largest batch grows with the compression rate, roughly 8 x rate

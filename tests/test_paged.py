@@ -210,7 +210,7 @@ def test_none_reference_matches_too():
     model = kvlab.tiny_model("llama")
     ids, mask, pos = left_padded_batch(97, [17, 9], seed=4)
     cont = torch.randint(3, 97, (2, 2))
-    ours, _, fed, _ = _greedy_run(model, KVCompress(1.0, block_size=3), ids, mask, pos, cont, 3)
+    ours, _, fed, _ = _greedy_run(model, KVCompress(1.0, block_size=3, window=4), ids, mask, pos, cont, 3)
     none, _, fed_none, _ = _greedy_run(model, kvlab.methods.get("none"), ids, mask, pos, cont, 3)
     assert torch.equal(fed, fed_none)
     torch.testing.assert_close(ours, none, atol=1e-5, rtol=0)

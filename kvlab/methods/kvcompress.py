@@ -7,8 +7,13 @@ What the paper does, in this package's terms (protocol "compress the context, th
    head), per-head block tables, one :class:`~kvlab.paged.BlockPool` per cache).
 2. Metric per cached token: the attention it receives from the last ``window`` queries of the prefill (the
    observation window), per query head: ``metric="l1"`` sums the probabilities over the window queries,
-   ``"l2"`` takes the root of the sum of their squares (the paper's squared-attention metric; the default).
-   Optional max pooling along positions (``kernel`` > 1, as SnapKV; 1 = none). Query-group compression: the metric
+   ``"l2"`` takes the root of the sum of their squares (the paper's squared-attention metric; the default), ``"max"``
+   the largest probability any window query gives it (issue 22: a token one question token points at is not
+   outvoted by the many window queries that ignore it).
+   Optional max pooling along positions (``kernel`` > 1, as SnapKV; 1 = none), centred on the token
+   (``pool_align="center"``) or over it and the ``kernel - 1`` tokens before it (``"after"``, issue 22: a token
+   is kept when a token shortly before it scores high, so the kept span runs *after* what the window attends to;
+   a question attends to the needle's key, and the answer follows the key). Query-group compression: the metric
    of a kv head's token aggregates its GQA group's query heads (``group_agg="sum"`` or ``"max"``), so the cache of a
    kv head is compressed once, never repeated per query head.
    Shapes: window probabilities (B, H_kv, G, w, C) -> per query head (B, H_kv, G, C) -> per kv head (B, H_kv, C).
@@ -22,7 +27,10 @@ What the paper does, in this package's terms (protocol "compress the context, th
    kept count is nearest the budget. Each head then keeps a multiple of ``block_size`` tokens (or all it has), at
    least its protected tokens; the total is within half a block of the budget (unless the protected tokens alone
    exceed it: protection shrinks to the per-head budget rounded down to blocks, at least one block, the window
-   first). Eviction compacts the kept tokens into the first blocks of each head and returns every other block to
+   first). ``floor`` (issue 22, not the paper's) gives every (layer, head) a mandatory first unit of at least
+   ``floor`` tokens (rounded up to blocks), filled by its own best tokens, so the global ranking cannot starve a
+   head (e.g. a retrieval head whose scores are small next to layer 0's); a floor the budget cannot pay for is an
+   error. Eviction compacts the kept tokens into the first blocks of each head and returns every other block to
    the pool's free list, so measured bytes follow the theoretical ones. ``scope="layer"`` (an option, not the
    paper's) plans each layer on its own: ``budget`` of its tokens, ranked across its heads. Under the model-wide
    ranking, SmolLM2's layer 0 (attention spread over many tokens, so many moderate scores) keeps nearly all of its
@@ -45,9 +53,10 @@ from ..models import ModelSpec
 from .eviction import TIER, ranks_by_column
 from .token_methods import TokenEviction, _check_int
 
-METRICS = ("l1", "l2")
+METRICS = ("l1", "l2", "max")
 GROUP_AGGS = ("sum", "max")
 SCOPES = ("model", "layer")
+POOL_ALIGNS = ("center", "after")
 
 
 @dataclass
@@ -58,7 +67,12 @@ class KVCompress(TokenEviction):
     (observation window: the last queries of the prefill, also protected), ``metric`` ("l1", "l2"), ``group_agg``
     ("sum", "max" over the query heads of a GQA group), ``kernel`` (odd max-pooling width, 1 = none), ``sinks``
     (first real tokens protected), ``block_size`` (tokens per block), ``scope`` ("model": the paper's one ranking
-    over every layer and head; "layer": each layer keeps ``budget`` of its own tokens, ranked across its heads).
+    over every layer and head; "layer": each layer keeps ``budget`` of its own tokens, ranked across its heads),
+    ``floor`` (tokens every (layer, kv head) keeps at least, rounded up to blocks; 0 = none, the paper),
+    ``pool_align`` ("center": the pooling window centred on the token; "after": the token and the ones before it).
+
+    Errors (``ValueError`` at ``compress``): an observation window longer than a row's context (the window would
+    be the whole prompt: nothing is observed "from the end"), a floor above the per-head budget.
     """
 
     name: ClassVar[str] = "kvcompress"
@@ -71,6 +85,8 @@ class KVCompress(TokenEviction):
     sinks: int = 4
     block_size: int = 16
     scope: str = "model"
+    floor: int = 0
+    pool_align: str = "center"
 
     def __post_init__(self):
         super().__post_init__()
@@ -78,12 +94,15 @@ class KVCompress(TokenEviction):
         _check_int("kernel", self.kernel, 1)
         _check_int("sinks", self.sinks, 0)
         _check_int("block_size", self.block_size, 1)
+        _check_int("floor", self.floor, 0)
         if self.kernel % 2 == 0:
             raise ValueError(f"kernel must be odd (max pooling keeps the length), got {self.kernel}")
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
         if self.group_agg not in GROUP_AGGS:
             raise ValueError(f"group_agg must be one of {', '.join(GROUP_AGGS)}, got {self.group_agg!r}")
+        if self.pool_align not in POOL_ALIGNS:
+            raise ValueError(f"pool_align must be one of {', '.join(POOL_ALIGNS)}, got {self.pool_align!r}")
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
 
@@ -104,6 +123,8 @@ class KVCompress(TokenEviction):
 
     def window_stat(self, probs: torch.Tensor) -> torch.Tensor:
         """(B, H_kv, G, w, C) window probabilities -> (B, H_kv, G, C) per query head."""
+        if self.metric == "max":
+            return probs.amax(-2)
         return probs.sum(-2) if self.metric == "l1" else probs.square().sum(-2).sqrt()
 
     def keep_counts(self, layer) -> torch.Tensor:
@@ -126,7 +147,11 @@ class KVCompress(TokenEviction):
             earlier = (occupied & ~in_window)[:, :, None]  # (B, H_kv, 1, C)
             batch, heads, group, slots = stat.shape
             x = stat.masked_fill(~earlier, float("-inf")).reshape(batch * heads * group, 1, slots)
-            pooled = F.max_pool1d(x, self.kernel, stride=1, padding=self.kernel // 2).reshape(stat.shape)
+            if self.pool_align == "after":  # window [i - kernel + 1, i]: the span after a hot token is kept
+                x = F.pad(x, (self.kernel - 1, 0), value=float("-inf"))
+                pooled = F.max_pool1d(x, self.kernel, stride=1).reshape(stat.shape)
+            else:
+                pooled = F.max_pool1d(x, self.kernel, stride=1, padding=self.kernel // 2).reshape(stat.shape)
             stat = torch.where(earlier, pooled, stat)
         score = (stat.sum(2) if self.group_agg == "sum" else stat.amax(2)).double()  # (B, H_kv, C)
         return score.masked_fill(~occupied, float("-inf"))
@@ -150,6 +175,10 @@ class KVCompress(TokenEviction):
             if layer.compressed:
                 raise RuntimeError(f"{self.name}.compress: the cache is already compressed (compress once, right "
                                    "after the prefill)")
+        shortest = int(layers[0].real_seen.min())
+        if self.window > shortest:
+            raise ValueError(f"{self.name}: the observation window ({self.window} queries) is longer than the context "
+                             f"({shortest} real tokens in the shortest row); allowed: window <= context length")
         plan = self.plan(layers)
         for layer, (keep, priority) in zip(layers, plan):
             layer.compress(keep, priority)
@@ -172,6 +201,13 @@ class KVCompress(TokenEviction):
         occupied = index >= 0
         n = occupied.sum(-1)  # (B, L, H_kv)
         target = torch.floor(float(self.budget) * n.sum((1, 2)).double() + 0.5).long()  # (B,)
+        if self.floor:
+            need = n.clamp(max=-(-self.floor // S) * S).sum((1, 2))  # (B,) tokens the floors alone keep
+            if bool((need > target).any()):
+                row = int((need > target).nonzero()[0])
+                raise ValueError(f"{self.name}: floor={self.floor} tokens per (layer, kv head) (in blocks of {S}: "
+                                 f"{int(need[row])} tokens) is above the budget ({int(target[row])} tokens of "
+                                 f"{int(n[row].sum())}); allowed: floor <= budget x tokens per head")
         # protection per row: sinks + observation window, at most the per-head budget rounded down to blocks
         per_head = target.double() / (n_layers * heads)
         allowed = torch.clamp(torch.floor(per_head / S).long() * S, min=S)  # (B,)
@@ -201,6 +237,8 @@ class KVCompress(TokenEviction):
         free, n, protected = free.reshape(-1, free.shape[-1]), n.reshape(-1), protected.reshape(-1)  # U = L x H_kv
         ranked = free.sort(dim=-1, descending=True).values  # (U, C) unprotected tokens by metric, -inf last
         base = torch.minimum(n, (protected + S - 1) // S * S)  # (U,) mandatory: protected rounded up to blocks
+        if self.floor:  # the floor, in whole blocks, filled by each head's best unprotected tokens
+            base = torch.maximum(base, n.clamp(max=-(-self.floor // S) * S))
         rest = n - base  # tokens in the optional units
         units = int((rest.max() + S - 1) // S) if rest.numel() else 0
         remaining = target - int(base.sum())
