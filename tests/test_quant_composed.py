@@ -8,7 +8,7 @@ import torch
 
 import kvlab
 from kvlab.methods import PCA, Composed
-from kvlab.methods.composed import search_split
+from kvlab.methods.feature_x_token import search_split
 from kvlab.methods.quant_composed import QuantEvictionLayer, QuantProjectedEvictionLayer, QuantProjectedLayer
 from conftest import left_padded_batch
 

@@ -26,7 +26,7 @@ import torch
 
 from ..quantize import SCALE_DTYPE, _quantize, check_bits, dequantize_groups, pack, packed_width, quantize_groups, unpack
 from .coded import CodedLayer
-from .composed import ProjectedEvictionLayer
+from .feature_x_token import ProjectedEvictionLayer
 from .eviction import EvictionLayer
 from .quantized import SCALE_BYTES, QuantStore
 
