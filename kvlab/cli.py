@@ -64,13 +64,12 @@ def cmd_info(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .data import TASKS
+    from .eval.run import CONTINUATION, LONG_TASKS, allowed_tasks
 
-    long_tasks = ("needle", "longqa")
     tasks, corpora = _split(args.tasks), _split(args.ppl)
-    bad = [t for t in tasks if t not in TASKS + long_tasks]
+    bad = [t for t in tasks if t not in allowed_tasks()]
     if bad:
-        raise UsageError(f"unknown task(s) {bad}; choose from {', '.join(TASKS + long_tasks)}")
+        raise UsageError(f"unknown task(s) {bad}; choose from {', '.join(allowed_tasks())}")
     bad = [c for c in corpora if c not in ("wiki", "c4")]
     if bad:
         raise UsageError(f"unknown corpus {bad}; choose from wiki, c4")
@@ -95,6 +94,15 @@ def cmd_eval(args) -> int:
 
     try:
         model, tokenizer = load_model(args.model)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    from .models import check_window
+
+    try:  # refuse a context longer than the model's window before any work, naming the limit
+        if CONTINUATION in tasks:
+            check_window(model, args.context_len + 256, f"continuation at --context-len {args.context_len} + 256")
+        if any(t in LONG_TASKS for t in tasks):
+            check_window(model, args.context_len, f"--context-len {args.context_len}")
     except ValueError as e:
         raise UsageError(str(e)) from e
     result = evaluate(model, tokenizer, method, tasks=tasks, ppl=corpora, limit=args.limit,
@@ -282,10 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="full", help="none (plain HF model), full (kvlab cache at 100%%), ...")
     p.add_argument("--budget", type=float, default=None, help="fraction of the full cache's bytes kept, in (0, 1]")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
-    p.add_argument("--tasks", help="comma-separated: piqa,winogrande,...,needle,longqa")
+    p.add_argument("--tasks", help="comma-separated: piqa,winogrande,...,needle,longqa,continuation")
     p.add_argument("--ppl", help="comma-separated corpora: wiki,c4")
     p.add_argument("--limit", type=int, help="items per task / perplexity chunks (seeded subset)")
-    p.add_argument("--context-len", type=int, default=2048, help="tokens of context for needle/longqa")
+    p.add_argument("--context-len", type=int, default=2048,
+                   help="tokens of context for needle/longqa/continuation (continuation scores the next 256)")
     p.add_argument("--protocol", choices=("throughout", "context"), default=None,
                    help="perplexity/zero-shot protocol: compressed attention throughout, or compress the context then "
                         "continue (default: the method's first supported; token eviction supports only context)")
