@@ -181,3 +181,38 @@ def test_cli_refuses_a_context_longer_than_the_window(capsys):
     assert main(["eval", "--method", "full", "--tasks", "continuation", "--context-len", "8000"]) == 2
     err = capsys.readouterr().err
     assert "8256 tokens" in err and "at most 8192 tokens" in err
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# frontier: averages over the tasks that separate
+
+
+def test_chance_table_marks_tasks_at_chance():
+    from kvlab.frontier import chance_table
+
+    result = {"tasks": {
+        "piqa": {"n": 100, "acc": 0.68, "acc_ci95": [0.58, 0.76], "chance": 0.5, "p_vs_chance": 2e-4,
+                 "above_chance": True},
+        "winogrande": {"n": 100, "acc": 0.52, "acc_ci95": [0.42, 0.62], "chance": 0.5, "p_vs_chance": 0.38,
+                       "above_chance": False},
+        "needle": {"acc": 1.0, "n": 4}}}
+    table = chance_table(result)
+    assert list(table["task"]) == ["piqa", "winogrande"]
+    assert list(table["mark"]) == ["", "at chance"] and list(table["separates"]) == [True, False]
+
+
+def test_run_grid_averages_only_the_tasks_asked():
+    from kvlab.data.tasks import task_size
+    from kvlab.frontier import run_grid
+
+    try:
+        task_size("copa")
+    except FileNotFoundError:
+        pytest.skip("tasks not fetched")
+    model, tok = tiny_model("llama"), CharTokenizer()
+    grid = run_grid(model, tok, {"full": [methods.get("full")]}, tasks=("copa", "rte"), limit=3, num_fewshot=0,
+                    progress=False, average_over=("rte",))
+    row = grid.iloc[0]
+    assert row["avg_acc"] == row["rte"] and row["avg_tasks"] == "rte"
+    with pytest.raises(ValueError, match="average_over must be a non-empty subset"):
+        run_grid(model, tok, {"full": [methods.get("full")]}, tasks=("copa",), limit=2, average_over=("piqa",))
