@@ -216,3 +216,28 @@ def test_run_grid_averages_only_the_tasks_asked():
     assert row["avg_acc"] == row["rte"] and row["avg_tasks"] == "rte"
     with pytest.raises(ValueError, match="average_over must be a non-empty subset"):
         run_grid(model, tok, {"full": [methods.get("full")]}, tasks=("copa",), limit=2, average_over=("piqa",))
+
+
+def test_fit_command_names_the_bundled_model(tmp_path):
+    from kvlab.methods.artefacts import fit_command
+
+    model = tiny_model("gemma3")
+    assert fit_command("pca", model) == "kvlab fit --model <your model folder> --method pca --out data/pca"
+    model.config._name_or_path = str(tmp_path / "models" / "gemma3-270m")
+    assert fit_command("matryoshka", model, search=True) == (
+        "kvlab fit --model gemma3-270m --method matryoshka --search --out data/matryoshka")
+
+
+def test_a_fitted_method_without_artefact_says_which_fit_command_makes_it(capsys):
+    from kvlab.data.text import tokenize_split
+
+    try:
+        tokenize_split("wiki", CharTokenizer(), split="calib")
+    except FileNotFoundError:
+        pytest.skip("text corpora not fetched")
+    model = tiny_model("gemma3")
+    model.config._name_or_path = "/somewhere/models/gemma3-270m"
+    methods.get("pca", 0.5, calib_chunks=2, chunk_len=32).prepare(model, CharTokenizer())
+    err = capsys.readouterr().err
+    assert "pca: no artefact for this model" in err
+    assert "`kvlab fit --model gemma3-270m --method pca --out data/pca`" in err
