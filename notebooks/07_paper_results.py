@@ -27,6 +27,7 @@
 
 # %% tags=["parameters", "run-after-others"]
 QUICK = False
+MODEL = "smollm2"  # the model whose notebook results are read (each notebook's own MODEL parameter)
 RUN_MISSING = None  # None: run a missing notebook in QUICK mode only when QUICK; True / False to force
 SHOW_DECODE_SPEED = True  # add notebook 06's decode-speed table when its results exist
 
@@ -46,6 +47,10 @@ results = {nb: papers.load_notebook_results(nb, quick=QUICK, run_missing=RUN_MIS
            for nb in ("02_pca_vs_trained", "03_layer_similarity_reuse", "04_attention_score_bias",
                       "05_paged_eviction")}
 mismatched = {nb: papers.quick_mismatch(r, nb, QUICK) for nb, r in results.items()}
+for nb, r in results.items():
+    if r.get("model") not in (None, MODEL):
+        mismatched[nb] = (mismatched[nb] + "; " if mismatched[nb] else "") + (
+            f"{nb} results are for model {r.get('model')!r}, not MODEL={MODEL!r}: run it with MODEL={MODEL!r}")
 for nb, text in mismatched.items():
     if text:
         print(f"WARNING: {text}")

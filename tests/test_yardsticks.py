@@ -241,3 +241,35 @@ def test_a_fitted_method_without_artefact_says_which_fit_command_makes_it(capsys
     err = capsys.readouterr().err
     assert "pca: no artefact for this model" in err
     assert "`kvlab fit --model gemma3-270m --method pca --out data/pca`" in err
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# sliding-window layers: bytes against the window-bounded reference
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_reference_bytes_are_what_a_plain_cache_needs(arch):
+    from kvlab.budget import kv_bytes
+
+    model = tiny_model(arch, n_layers=4)  # gemma3: window 8, layers 0-2 sliding, 3 global
+    ids = torch.randint(3, 97, (2, 40), generator=torch.Generator().manual_seed(0))
+    got = {}
+    for name in ("none", "full"):
+        with torch.no_grad(), methods.get(name).apply(model) as cache:
+            model(ids, past_key_values=cache, use_cache=True)
+            got[name] = kv_bytes(cache)
+    none, full = got["none"], got["full"]
+    assert full.reference == none.theoretical  # DynamicCache keeps window - 1 tokens of a sliding layer
+    if arch == "llama":
+        assert full.reference == full.full and full.budget_vs_reference == pytest.approx(full.budget)
+    else:
+        per_token = 2 * 1 * 32 * 4 * 2  # batch 2 x 1 kv head x head_dim 32 x fp32, keys and values
+        assert full.full == 4 * 40 * per_token and full.reference == (3 * 7 + 40) * per_token
+        assert full.budget_vs_reference == pytest.approx(4 * 40 / (3 * 7 + 40))  # kvlab keeps what the window left
+
+
+def test_continuation_reports_both_budgets_on_gemma3():
+    model = tiny_model("gemma3")
+    r = continuation_ppl(model, None, methods.get("h2o", 0.25, decode=True), context_len=40, continuation_len=8,
+                         n_docs=2, corpus=_docs(2, 48), progress=False)
+    assert r["budget"] < r["budget_vs_reference"]  # sliding layers need only their window: the honest ratio is higher

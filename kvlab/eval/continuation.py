@@ -76,5 +76,6 @@ def continuation_ppl(model, tokenizer, method, *, context_len: int = 2048, conti
         result.update({"ppl": math.exp(doc_nll[0]), "ci95": [float("nan"), float("nan")], "nll": doc_nll[0]})
     kv = own.kv_dict()
     result["budget"] = kv["budget"]
+    result["budget_vs_reference"] = kv["budget_vs_reference"]  # sliding-window layers counted at their window
     result.update(own.as_dict())
     return result

@@ -43,7 +43,8 @@ def needle_grid(model, tokenizer, method, *, lengths: Sequence[int] = (1024, 204
             for depth, rec in zip(cell_depths, r["records"]):
                 rows.append({"setting": setting, "length": int(length), "depth": depth, "depth_real": rec["depth"],
                              "hit": float(rec["score"]), "prediction": rec["prediction"],
-                             "answer": rec["answers"][0], "budget": r["kv_bytes"]["budget"]})
+                             "answer": rec["answers"][0], "budget": r["kv_bytes"]["budget"],
+                             "budget_vs_reference": r["kv_bytes"]["budget_vs_reference"]})
     return pd.DataFrame(rows)
 
 
