@@ -273,3 +273,32 @@ def test_continuation_reports_both_budgets_on_gemma3():
     r = continuation_ppl(model, None, methods.get("h2o", 0.25, decode=True), context_len=40, continuation_len=8,
                          n_docs=2, corpus=_docs(2, 48), progress=False)
     assert r["budget"] < r["budget_vs_reference"]  # sliding layers need only their window: the honest ratio is higher
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# every method on Gemma3's geometry (MQA, head_dim 32 here, sliding-window + global layers)
+
+FIT = {"matryoshka": dict(steps=2, progress=False), "kvcar": dict(steps=1, recon_steps=2, progress=False),
+       "attention_gate": dict(steps=2, progress=False)}
+OPTIONS = {"matryoshka": dict(steps=2), "kvcar": dict(steps=1, recon_steps=2), "attention_gate": dict(steps=2)}
+
+
+@pytest.mark.parametrize("name", sorted(methods.REGISTRY))
+def test_every_method_runs_the_continuation_yardstick_on_gemma3(name):
+    model = tiny_model("gemma3", n_layers=4)
+    calib = torch.randint(3, 97, (8, 32), generator=torch.Generator().manual_seed(0))
+    budget = None if name in ("none", "full") else 0.5
+    method = methods.get(name, budget, **OPTIONS.get(name, {})) if budget else methods.get(name)
+    if name == "attention_gate":
+        method.fit(model, train_data=calib, **FIT[name])
+    elif name == "composed":
+        method.fit(model, calib)
+    elif name == "kvcar+reuse":  # the similarity, then its own KVCAR (fitted apart, as the method documents)
+        method.fit(model, calib)
+        method.kvcar_part().fit(model, calib, **FIT["kvcar"])
+    elif "fit" in type(method).__dict__ or name in FIT:
+        method.fit(model, calib, **FIT.get(name, {}))
+    r = continuation_ppl(model, None, method, context_len=24, continuation_len=6, n_docs=2,
+                         corpus=_docs(2, 30, seed=3), progress=False)
+    assert math.isfinite(r["ppl"]) and r["tokens"] == 12
+    assert 0 < r["budget"] and r["budget_vs_reference"] >= r["budget"]
