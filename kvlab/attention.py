@@ -104,6 +104,7 @@ def kvlab_attention(
     layer = take_over(getattr(module, "layer_idx", None))
     if layer is None:
         return sdpa(query, key, value, attention_mask, scaling), None
+    layer.sliding_window = kwargs.get("sliding_window") or None  # Gemma3 & co. pass their layer's window (None: global)
     return layer.attend(query, key, value, attention_mask, scaling=scaling, **kwargs), None
 
 

@@ -2,6 +2,11 @@
 
 * ``full``: bytes an uncompressed cache would hold for the same tokens (B x H_kv x tokens x head_dim x 2 x dtype).
 * ``theoretical``: bytes of the entries the method keeps, counted exactly (no allocator slack, no padding).
+* ``reference``: bytes a full cache *needs* for the same tokens: as ``full``, except that a sliding-window layer
+  (Gemma3's local layers) counts only the last ``window - 1`` tokens it can still read, as Hugging Face's
+  ``DynamicCache`` keeps. Equal to ``full`` on models without sliding windows. kvlab's layers keep the tokens a window
+  has left (the mask hides them), so on such models ``measured / reference`` is the honest fraction of what a
+  plain cache needs and can exceed ``measured / full``.
 * ``measured``: the storage of the tensors the cache holds (each storage counted once), i.e. real memory; a layer
   that defines ``measured_bytes()`` (a paged layer: its blocks in use in a shared pool) reports it itself.
 
@@ -51,6 +56,12 @@ class KVBytes:
     measured: int
     table: pd.DataFrame  # one row per (layer, head, part)
     dtype: str = DEFAULT_DTYPE  # the reference dtype of the floating bytes (see the module docstring)
+    reference: int | None = None  # window-bounded full (sliding-window layers: their last window - 1 tokens)
+
+    @property
+    def budget_vs_reference(self) -> float:
+        """Measured bytes as a fraction of what a full cache needs (sliding-window layers bounded by their window)."""
+        return self.measured / self.reference if self.reference else float("nan")
 
     @property
     def budget(self) -> float:
@@ -123,6 +134,8 @@ def kv_bytes(cache, dtype=DEFAULT_DTYPE) -> KVBytes:
         fixed = frame["fixed"] if "fixed" in frame else 0
         frame["full"] = frame["full"] * ratio
         frame["theoretical"] = (frame["theoretical"] - fixed) * ratio + fixed
+        seen, needed = getattr(layer, "seen", 0), getattr(layer, "reference_tokens", None)
+        frame["reference"] = frame["full"] * (needed / seen) if needed is not None and seen else frame["full"]
         # A layer that shares storage with others (a paged layer's blocks in a pool) states its own share.
         own = getattr(layer, "measured_bytes", None)
         measured = own(ratio) if callable(own) else storage_bytes(tensors, native, ratio)
@@ -139,4 +152,5 @@ def kv_bytes(cache, dtype=DEFAULT_DTYPE) -> KVBytes:
         measured=int(round(table["measured"].sum())),
         table=table,
         dtype=label,
+        reference=int(round(table["reference"].sum())),
     )

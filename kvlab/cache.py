@@ -32,6 +32,7 @@ class KVLayer(CacheLayerMixin):
         self.n_heads = 0
         self.head_dim = 0
         self.value_dim = 0
+        self.sliding_window: int | None = None  # the model's sliding window of this layer (kvlab attention sets it)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -69,6 +70,14 @@ class KVLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return -1
+
+    @property
+    def reference_tokens(self) -> int:
+        """Tokens per sequence a cache of this layer *needs*: every token seen, except on a sliding-window layer,
+        which only ever reads its last ``sliding_window - 1`` tokens (plus the new one); Hugging Face's
+        ``DynamicCache`` keeps exactly those. ``kv_bytes`` reports this window-bounded ``reference`` beside ``full``
+        (every token seen, the denominator of ``budget``)."""
+        return min(self.seen, self.sliding_window - 1) if self.sliding_window else self.seen
 
     def full_bytes_per_head(self, part: str) -> int:
         dim = self.head_dim if part == "K" else self.value_dim

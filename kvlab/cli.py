@@ -61,13 +61,12 @@ def cmd_info(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .data import TASKS
+    from .eval.run import CONTINUATION, LONG_TASKS, allowed_tasks
 
-    long_tasks = ("needle", "longqa")
     tasks, corpora = _split(args.tasks), _split(args.ppl)
-    bad = [t for t in tasks if t not in TASKS + long_tasks]
+    bad = [t for t in tasks if t not in allowed_tasks()]
     if bad:
-        raise UsageError(f"unknown task(s) {bad}; choose from {', '.join(TASKS + long_tasks)}")
+        raise UsageError(f"unknown task(s) {bad}; choose from {', '.join(allowed_tasks())}")
     bad = [c for c in corpora if c not in ("wiki", "c4")]
     if bad:
         raise UsageError(f"unknown corpus {bad}; choose from wiki, c4")
@@ -94,6 +93,15 @@ def cmd_eval(args) -> int:
     try:
         model, tokenizer = load_model(args.model)
         method.check(models.ModelSpec.from_model(model))  # options that depend on the geometry (head_dim, ...)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    from .models import check_window
+
+    try:  # refuse a context longer than the model's window before any work, naming the limit
+        if CONTINUATION in tasks:
+            check_window(model, args.context_len + 256, f"continuation at --context-len {args.context_len} + 256")
+        if any(t in LONG_TASKS for t in tasks):
+            check_window(model, args.context_len, f"--context-len {args.context_len}")
     except ValueError as e:
         raise UsageError(str(e)) from e
     try:  # options that only meet the data here (e.g. an observation window longer than the context)
@@ -271,9 +279,9 @@ def _method_names() -> list[str]:
 
 
 def _task_names() -> tuple[str, ...]:
-    from .data import TASKS
+    from .eval.run import allowed_tasks
 
-    return TASKS + ("needle", "longqa")
+    return tuple(allowed_tasks())
 
 
 def _notebook_names() -> list[str]:
@@ -314,11 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=FRACTION, default=None, help="fraction of the full cache's bytes kept, in (0, 1]")
     p.add_argument("--opt", action="append", default=[], type=Options(), metavar="KEY=VALUE",
                    help="method option (repeatable)")
-    p.add_argument("--tasks", type=Names(_task_names, "task"), help="comma-separated: piqa,winogrande,...,needle,longqa")
+    p.add_argument("--tasks", type=Names(_task_names, "task"), help="comma-separated: piqa,winogrande,...,needle,longqa,continuation")
     p.add_argument("--ppl", type=Names(lambda: ("wiki", "c4"), "corpus"), help="comma-separated corpora: wiki,c4")
     p.add_argument("--limit", type=Int(1), help="items per task / perplexity chunks (seeded subset)")
     p.add_argument("--context-len", type=Int(16, 1 << 20, example=512), default=2048,
-                   help="tokens of context for needle/longqa")
+                   help="tokens of context for needle/longqa/continuation (continuation scores the next 256)")
     p.add_argument("--protocol", choices=("throughout", "context"), default=None,
                    help="perplexity/zero-shot protocol: compressed attention throughout, or compress the context then "
                         "continue (default: the method's first supported; token eviction supports only context)")

@@ -3,7 +3,9 @@
 Every point is one :func:`kvlab.eval.run.evaluate` of a method on the same items (multiple-choice tasks, few-shot so
 the compressed context is long, "context" protocol: prefill the prompt, compress it, score the answers), at the
 budget the caches *measured* (``kv_bytes`` summed over every cache of the run, answers included). Average accuracy is
-the mean over tasks.
+the mean over the tasks that separate: those on which the full model is above chance (a one-sided binomial test at
+the n used, :func:`separating_tasks`); a task at chance cannot show a method losing anything, so it is reported but
+left out of the average (``average_over``), and :func:`chance_table` marks it.
 
     grid = run_grid(model, tok, {"h2o": [h2o_at_half, ...], "pca x h2o": [...]}, tasks=("arc_easy", "piqa"))
     front = pareto(grid)                       # points no other point beats in both bytes and accuracy
@@ -21,10 +23,15 @@ from .eval.run import evaluate
 
 
 def run_grid(model, tokenizer, families: dict, *, tasks=("arc_easy", "piqa"), limit: int = 100,
-             num_fewshot: int = 5, seed: int = 0, progress: bool = True) -> pd.DataFrame:
+             num_fewshot: int = 5, seed: int = 0, progress: bool = True, average_over=None) -> pd.DataFrame:
     """One row per (family, method): nominal and measured budget, accuracy per task, their mean, seconds.
 
-    ``families`` maps a label ("h2o", "pca x h2o", ...) to the prepared methods to evaluate."""
+    ``families`` maps a label ("h2o", "pca x h2o", ...) to the prepared methods to evaluate. ``avg_acc`` is the mean
+    over ``average_over`` (default: every task; pass :func:`separating_tasks`' list to average only the tasks the
+    full model is above chance on); ``avg_tasks`` names them."""
+    average_over = list(tasks) if average_over is None else list(average_over)
+    if not average_over or any(t not in tasks for t in average_over):
+        raise ValueError(f"average_over must be a non-empty subset of the tasks {list(tasks)}, got {average_over}")
     from tqdm.auto import tqdm
 
     todo = [(family, method) for family, methods in families.items() for method in methods]
@@ -37,13 +44,43 @@ def run_grid(model, tokenizer, families: dict, *, tasks=("arc_easy", "piqa"), li
         for task in tasks:
             row[task] = result["tasks"][task]["acc"]
             row[f"n_{task}"] = result["tasks"][task]["n"]
-        row["avg_acc"] = sum(row[t] for t in tasks) / len(tasks)
+        row["avg_acc"] = sum(row[t] for t in average_over) / len(average_over)
+        row["avg_tasks"] = ",".join(average_over)
         for key in ("feature_budget", "token_budget"):
             value = getattr(method, key, None) if key != "feature_budget" else getattr(method, "split", None)
             if value is not None:
                 row[key] = float(value)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def chance_table(full_result: dict) -> pd.DataFrame:
+    """Per zero-shot task of an :func:`evaluate` result of the full model: accuracy, its Wilson 95 % interval,
+    chance level, p-value against chance, and ``separates`` (above chance); ``mark`` is "" or "at chance" for tables."""
+    rows = []
+    for task, r in full_result["tasks"].items():
+        if "chance" not in r:
+            continue  # long-context tasks and continuation perplexity have no chance level
+        rows.append(dict(task=task, n=r["n"], acc=r["acc"], ci_low=r["acc_ci95"][0], ci_high=r["acc_ci95"][1],
+                         chance=r["chance"], p_vs_chance=r["p_vs_chance"], separates=bool(r["above_chance"]),
+                         mark="" if r["above_chance"] else "at chance"))
+    return pd.DataFrame(rows)
+
+
+def separating_tasks(model, tokenizer, tasks, *, limit: int = 100, num_fewshot: int = 0, seed: int = 0,
+                     protocol: str = "context") -> tuple[list[str], pd.DataFrame]:
+    """Evaluate the full cache on ``tasks`` at this ``limit``; (tasks above chance, :func:`chance_table`). Raises
+    ValueError if none separates (no average could show a method losing anything)."""
+    from .methods import Full
+
+    result = evaluate(model, tokenizer, Full(), tasks=tasks, limit=limit, protocol=protocol, seed=seed,
+                      progress=False, num_fewshot=num_fewshot)
+    table = chance_table(result)
+    above = list(table.loc[table["separates"], "task"])
+    if not above:
+        raise ValueError(f"the full model is at chance on every task of {list(tasks)} at n={limit}: "
+                         f"{table[['task', 'acc', 'chance', 'p_vs_chance']].to_dict(orient='records')}")
+    return above, table
 
 
 def pareto(grid: pd.DataFrame, x: str = "budget_measured", y: str = "avg_acc") -> pd.DataFrame:

@@ -321,3 +321,23 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, n_layers: int = 3, vocab_s
     config.pad_token_id, config.bos_token_id, config.eos_token_id = 0, 1, 2
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     return model.eval()
+
+
+def context_window(model_or_config) -> int | None:
+    """Tokens the model can attend over (``max_position_embeddings``, GPT-2's ``n_positions``); None if unknown."""
+    config = getattr(model_or_config, "config", model_or_config)
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_window(model_or_config, n_tokens: int, what: str = "the context") -> None:
+    """ValueError naming the model's limit when ``n_tokens`` (everything one sequence feeds) exceeds its window."""
+    limit = context_window(model_or_config)
+    if limit is not None and n_tokens > limit:
+        name = getattr(getattr(model_or_config, "config", model_or_config), "_name_or_path", "") or "the model"
+        raise ValueError(f"{what} needs {n_tokens} tokens but {name} attends over at most {limit} tokens "
+                         f"(max_position_embeddings); ask for at most {limit}")

@@ -26,6 +26,7 @@
 
 # %% tags=["parameters", "run-after-others"]
 QUICK = False
+MODEL = "smollm2"  # the model whose notebook results are read (each notebook's own MODEL parameter)
 SHOW_DECODE_SPEED = True  # add notebook 06's decode-speed table when its results exist
 
 # %%
@@ -41,6 +42,10 @@ pd.set_option("display.max_colwidth", None)
 print(f"reading results from {results_dir()} ({'QUICK' if QUICK else 'full'} mode)")
 results = {nb: papers.load_notebook_results(nb) for key, nb in papers.NOTEBOOKS.items() if key != "decode_speed"}
 mismatched = {nb: papers.quick_mismatch(r, nb, QUICK) for nb, r in results.items()}
+for nb, r in results.items():
+    if r.get("model") not in (None, MODEL):
+        mismatched[nb] = (mismatched[nb] + "; " if mismatched[nb] else "") + (
+            f"{nb} results are for model {r.get('model')!r}, not MODEL={MODEL!r}: run it with MODEL={MODEL!r}")
 for nb, text in mismatched.items():
     if text:
         print(f"WARNING: {text}")

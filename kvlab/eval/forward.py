@@ -92,6 +92,7 @@ class Meter:
     full: int = 0
     theoretical: int = 0
     measured: int = 0
+    reference: int = 0  # window-bounded full (see kvlab.budget): differs from full on sliding-window models
     seconds: float = 0.0
     shapes: list = field(default_factory=list, repr=False)  # (B, T) of every forward's new ids
     dtype: str = DEFAULT_DTYPE  # reference dtype of the byte counts
@@ -113,9 +114,11 @@ class Meter:
         self.full += kb.full
         self.theoretical += kb.theoretical
         self.measured += kb.measured
+        self.reference += kb.reference if kb.reference is not None else kb.full
 
     def add(self, other: "Meter") -> None:
-        for name in ("tokens", "padded_tokens", "forwards", "caches", "full", "theoretical", "measured", "seconds"):
+        for name in ("tokens", "padded_tokens", "forwards", "caches", "full", "theoretical", "measured", "reference",
+                     "seconds"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.shapes.extend(other.shapes)
 
@@ -125,7 +128,9 @@ class Meter:
 
         return {"full": self.full, "theoretical": self.theoretical, "measured": self.measured,
                 "budget": frac(self.measured), "theoretical_budget": frac(self.theoretical), "caches": self.caches,
-                "dtype": self.dtype}
+                "dtype": self.dtype,
+                "reference": self.reference,
+                "budget_vs_reference": self.measured / self.reference if self.reference else float("nan")}
 
     def as_dict(self) -> dict:
         return {"tokens_forwarded": self.tokens, "padded_tokens": self.padded_tokens, "forwards": self.forwards,

@@ -166,15 +166,22 @@ def long_context(model, tokenizer, method, task: str = "needle", context_len: in
 
     ``needle``: ``n`` items at depths ``(i + 0.5) / n`` (or ``depths``); ``longqa``: ``n`` questions from
     ``source`` (``squad`` or ``hotpotqa``). ``items`` overrides the builder (a list of ``LongItem``).
-    Returns ``{acc, n, context_len, setting, protocol: "context", prompt, records, ...}`` (drop ``records``,
+    A context longer than the model's window is refused (ValueError naming the limit).
+    Returns ``{acc, acc_ci95 (Wilson), n, context_len, setting, protocol: "context", prompt, records, ...}`` (drop ``records``,
     a list of per-item dicts, before JSON if you like; it is JSON-ready).
     """
     from ..data import score_answer
 
     if setting not in SETTINGS:
         raise ValueError(f"unknown setting {setting!r}; allowed: {', '.join(SETTINGS)}")
+    from ..models import check_window
+
+    check_window(model, context_len, f"{task} at context_len {context_len}")
     items = list(items) if items is not None else _items(tokenizer, task, context_len, n, seed, source, depths)
     prompts = [build_prompt(tokenizer, it.context, it.question, prompt) for it in items]
+    longest = max((len(d) + len(q) for d, q in prompts), default=0)
+    check_window(model, longest + max_new_tokens, f"{task}: the longest prompt ({longest} tokens) + {max_new_tokens} "
+                 "new tokens")
     stops = stop_ids_of(tokenizer)
 
     def stop_text(ids):  # an answer is one line: stop once a newline follows some text
@@ -195,6 +202,9 @@ def long_context(model, tokenizer, method, task: str = "needle", context_len: in
                         "answers": list(it.answers), "prediction": answer,
                         "score": score_answer(answer, list(it.answers))})
     acc = sum(r["score"] for r in records) / len(records) if records else float("nan")
-    return {"acc": acc, "n": len(records), "task": task, "context_len": context_len, "setting": setting,
+    from .stats import wilson
+
+    ci = list(wilson(sum(r["score"] for r in records), len(records))) if records else [float("nan")] * 2
+    return {"acc": acc, "acc_ci95": ci, "n": len(records), "task": task, "context_len": context_len, "setting": setting,
             "protocol": "context", "prompt": prompt, **({"source": source} if task == "longqa" else {}),
             **own.as_dict(), "records": records}

@@ -192,7 +192,18 @@ def score_items(items, logliks: Sequence[float], greedy: Sequence[bool] | None =
     acc, acc_norm = frame["acc"].to_numpy(), frame["acc_norm"].to_numpy()
     metrics = {"acc": float(acc.mean()), "acc_norm": float(acc_norm.mean()), "n": len(frame),
                "stderr_acc": _stderr(acc), "stderr_acc_norm": _stderr(acc_norm)}
+    metrics.update(_against_chance(int(acc.sum()), len(frame), [item.n_choices for item in items]))
     return metrics, frame
+
+
+def _against_chance(correct: int, n: int, n_choices) -> dict:
+    """Chance level of ``acc``, its Wilson 95 % interval and a one-sided binomial test against chance."""
+    from .stats import chance_level, chance_test
+
+    chance = chance_level(n_choices)
+    test = chance_test(correct, n, chance)
+    return {"chance": chance, "acc_ci95": test["ci95"], "p_vs_chance": test["p_value"],
+            "above_chance": test["above_chance"], "min_correct_above_chance": test["min_correct"]}
 
 
 def multiple_choice(model, tokenizer, method, task, limit: int | None = None, seed: int = 0, *,
@@ -200,7 +211,8 @@ def multiple_choice(model, tokenizer, method, task, limit: int | None = None, se
                     meter: Meter | None = None, num_fewshot: int = 0) -> dict:
     """Zero-shot accuracy of ``model`` through ``method`` on ``task`` (a name of ``kvlab.data.TASKS`` or a list
     of ``MCItem``); ``num_fewshot`` solved examples before each context (:func:`kvlab.data.tasks.with_fewshot`). ``limit`` items (seeded subset, clamped to the split size). Returns a dict with ``acc``,
-    ``acc_norm``, ``n``, ``stderr_acc``, ``stderr_acc_norm``, ``task``, ``protocol``, meter figures, and
+    ``acc_norm``, ``n``, ``stderr_acc``, ``stderr_acc_norm``, ``chance`` (mean 1 / choices), ``acc_ci95`` (Wilson),
+    ``p_vs_chance`` and ``above_chance`` (one-sided binomial test of ``acc`` at this ``n``, 5 %), ``task``, ``protocol``, meter figures, and
     ``records``: a DataFrame with one row per item (drop it before JSON)."""
     check_protocol(protocol)
     if isinstance(task, str):

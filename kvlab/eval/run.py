@@ -15,15 +15,19 @@ import math
 import time
 
 from .forward import Meter
+from .continuation import continuation_ppl
 from .longcontext import LONG_TASKS, SETTINGS, long_context
 from .multiple_choice import multiple_choice
 from .perplexity import check_protocol, perplexity
 
 
+CONTINUATION = "continuation"  # perplexity of the next tokens after a compressed context of ``context_len`` tokens
+
+
 def allowed_tasks() -> tuple[str, ...]:
     from ..data import TASKS
 
-    return tuple(TASKS) + LONG_TASKS
+    return tuple(TASKS) + LONG_TASKS + (CONTINUATION,)
 
 
 def allowed_corpora() -> tuple[str, ...]:
@@ -65,10 +69,13 @@ def _drop(result: dict, *keys) -> dict:
 def evaluate(model, tokenizer, method, *, tasks=(), ppl=(), limit: int | None = None, context_len: int = 2048,
              seed: int = 0, progress: bool = True, protocol: str = "throughout", chunk_len: int = 512,
              batch_size: int = 4, batch_tokens: int = 4096, long_n: int = 10, long_settings=SETTINGS,
-             max_new_tokens: int = 32, prompt: str = "chat", num_fewshot: int = 0) -> dict:
+             max_new_tokens: int = 32, prompt: str = "chat", num_fewshot: int = 0,
+             continuation_len: int = 256, continuation_docs: int = 24) -> dict:
     """Evaluate ``model`` through ``method``; a JSON-ready dict (see the module docstring for bytes).
 
-    ``tasks``: zero-shot names of ``kvlab.data.TASKS`` and/or ``needle``, ``longqa``; ``ppl``: corpora (``wiki``,
+    ``tasks``: zero-shot names of ``kvlab.data.TASKS`` and/or ``needle``, ``longqa``, ``continuation`` (wiki
+    continuation perplexity of ``continuation_len`` tokens after a compressed ``context_len``-token context, over
+    ``limit or continuation_docs`` documents, with a 95 % interval); ``ppl``: corpora (``wiki``,
     ``c4``). ``limit`` bounds items per zero-shot task (seeded subset), perplexity chunks (the first ``limit``
     chunks of the eval split) and long-context items (default ``long_n``). ``protocol`` applies to perplexity and
     zero-shot tasks (``num_fewshot`` solved examples before each item, drawn from the items not evaluated);
@@ -97,7 +104,11 @@ def evaluate(model, tokenizer, method, *, tasks=(), ppl=(), limit: int | None = 
         out_ppl[corpus] = perplexity(model, tokenizer, method, corpus, chunk_len=chunk_len, n_chunks=n_chunks,
                                      batch_size=batch_size, protocol=protocol, progress=progress, meter=meter)
     for task in tasks:
-        if task in LONG_TASKS:
+        if task == CONTINUATION:
+            out_tasks[task] = continuation_ppl(model, tokenizer, method, context_len=context_len,
+                                               continuation_len=continuation_len, n_docs=limit or continuation_docs,
+                                               progress=progress, meter=meter)
+        elif task in LONG_TASKS:
             per = {}
             for setting in long_settings:
                 r = long_context(model, tokenizer, method, task, context_len=context_len, n=limit or long_n,
@@ -132,6 +143,6 @@ def evaluate(model, tokenizer, method, *, tasks=(), ppl=(), limit: int | None = 
         "settings": {"limit": limit, "seed": seed, "context_len": context_len, "chunk_len": chunk_len,
                      "batch_size": batch_size, "batch_tokens": batch_tokens, "long_settings": list(long_settings),
                      "max_new_tokens": max_new_tokens, "prompt": prompt,
-                     "num_fewshot": num_fewshot},
+                     "num_fewshot": num_fewshot, "continuation_len": continuation_len},
     }
     return _jsonable(result)

@@ -192,3 +192,15 @@ def find_shipped(method_name: str, model, options: dict, keys: tuple[str, ...]) 
         if same_model(record.get("model"), fingerprint):
             return record_path.with_suffix(".safetensors")
     return None
+
+
+def fit_command(method_name: str, model, *, search: bool = False) -> str:
+    """The ``kvlab fit`` command that makes a shipped artefact of ``method_name`` for ``model`` (named as the CLI
+    takes it: a bundled name, else the model's folder)."""
+    from ..models import BUNDLED
+
+    path = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    name = Path(path).name if path else ""
+    model_arg = name if name in BUNDLED else (path or "<your model folder>")
+    return (f"kvlab fit --model {model_arg} --method {method_name}{' --search' if search else ''} "
+            f"--out data/{method_name}")

@@ -648,7 +648,8 @@ class AttentionGate(Method):
                                      n_chunks=self.train_chunks, split="calib")
                 if self.steps:
                     print(f"attention_gate: no artefact for this model and these options (source={self.source!r}); "
-                          f"training {self.steps} steps", file=sys.stderr)
+                          f"training {self.steps} steps (to ship one: `{artefacts.fit_command(self.name, model)}`)",
+                          file=sys.stderr)
                 self.fit(model, train_data=chunks)
         self._check_gate(ModelSpec.from_model(model))
         return self

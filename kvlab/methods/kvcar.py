@@ -715,7 +715,8 @@ class KVCAR(Method):
             chunks = text_chunks(self.corpus, tokenizer, chunk_len=self.train_chunk_len, n_chunks=self.train_chunks,
                                  split="calib")
         print(f"kvcar: no artefact for this model and these options (source={self.source!r}); fitting "
-              f"(reconstruction, then {self.steps} distillation steps)", file=sys.stderr)
+              f"(reconstruction, then {self.steps} distillation steps; to ship one: "
+              f"`{artefacts.fit_command(self.name, model)}`)", file=sys.stderr)
         self.fit(model, calib, train_data=chunks, score_data=score)
 
     # ---- persistence (safetensors + JSON record, see kvlab.methods.artefacts)

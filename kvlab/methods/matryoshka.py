@@ -53,6 +53,7 @@ import torch
 
 from ..cache import KVLabCache
 from ..models import ModelSpec
+from . import artefacts
 from .pca import PCA
 from .projection import ProjectedLayer
 
@@ -299,7 +300,8 @@ class MatryoshkaKV(PCA):
                              split="calib")
         if self.steps:
             print(f"matryoshka: no artefact for this model and these options (source={self.source!r}); "
-                  f"training {self.steps} steps", file=sys.stderr)
+                  f"training {self.steps} steps (to ship one: `{artefacts.fit_command(self.name, model)}`)",
+                  file=sys.stderr)
         self.fit(model, calib, train_data=chunks)
 
     # ---- persistence (safetensors + JSON record, see kvlab.methods.artefacts)

@@ -112,7 +112,15 @@ class PCA(Method):
         return Path(self.source)
 
     def _fit_default(self, model, tokenizer) -> None:
+        import sys
+
         from ..data import text_chunks
+
+        if self.source is not None:
+            print(f"pca: no artefact for this model and these options (source={self.source!r}); fitting on "
+                  f"{self.calib_chunks} x {self.chunk_len} calib tokens (to ship one: "
+                  f"`{artefacts.fit_command(self.name, model, search=self.allocation == 'searched')}`)",
+                  file=sys.stderr)
 
         self.fit(model, text_chunks(self.corpus, tokenizer, chunk_len=self.chunk_len, n_chunks=self.calib_chunks,
                                     split="calib"))
