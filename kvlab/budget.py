@@ -131,7 +131,7 @@ def kv_bytes(cache, dtype=DEFAULT_DTYPE) -> KVBytes:
         ratio = _ratio(native, reference)
         frame = pd.DataFrame(rows)
         frame.insert(0, "layer", layer_idx)
-        fixed = frame["fixed"] if "fixed" in frame else 0
+        fixed = frame["fixed"].fillna(0) if "fixed" in frame else 0  # rows without integer storage have none
         frame["full"] = frame["full"] * ratio
         frame["theoretical"] = (frame["theoretical"] - fixed) * ratio + fixed
         seen, needed = getattr(layer, "seen", 0), getattr(layer, "reference_tokens", None)

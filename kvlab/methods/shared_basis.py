@@ -91,11 +91,12 @@ class BasisLayer(CodedLayer):
 
     def accounting(self):
         rows = super().accounting()
-        if self.positions is not None:  # int32 positions, spread over the key rows
+        if self.positions is not None:  # int32 positions, spread over the key rows (integers: no dtype view)
             share = self.positions.numel() * self.positions.element_size() / self.n_heads
             for row in rows:
                 if row["part"] == "K":
                     row["theoretical"] += share
+                    row["fixed"] = row.get("fixed", 0) + share
         return rows
 
     def _select_codes(self, indices) -> None:
