@@ -57,12 +57,14 @@ class Sensitivity:
         return pd.DataFrame(rows)
 
 
-def _probe_cache(spec: ModelSpec, layer: int, head: int, part: str, rank: int, key_bases, value_bases, sinks):
-    """A cache with every layer full except ``layer``, where only ``head``'s ``part`` is truncated to ``rank``."""
+def _probe_cache(spec: ModelSpec, layer: int, head: int, part: str, rank: int, key_bases, value_bases, sinks,
+                 rotary=None):
+    """A cache with every layer full except ``layer``, where only ``head``'s ``part`` is truncated to ``rank``
+    (``rotary``: that layer's rotary embedding for pre-RoPE key bases)."""
     dim = spec.head_dim
     keys = [key_bases[layer, h, :, : rank if (part == "K" and h == head) else dim] for h in range(spec.n_kv_heads)]
     values = [value_bases[layer, h, :, : rank if (part == "V" and h == head) else dim] for h in range(spec.n_kv_heads)]
-    return KVLabCache([ProjectedLayer(i, keys, values, sinks=sinks) if i == layer else FullLayer(i)
+    return KVLabCache([ProjectedLayer(i, keys, values, sinks=sinks, rotary=rotary) if i == layer else FullLayer(i)
                        for i in range(spec.n_layers)])
 
 
@@ -84,6 +86,7 @@ def measure_sensitivity(model, method, data: torch.Tensor, *, grid: list[int] | 
     if not getattr(method, "fitted", False):
         raise RuntimeError(f"method {method.name!r} has no bases yet: fit or prepare it before measuring sensitivity")
     key_bases, value_bases = method.key_bases, method.value_bases
+    rotaries = method.rotaries(model) if hasattr(method, "rotaries") else [None] * spec.n_layers
     dim = spec.head_dim
     default = [max(1, round(dim * f)) for f in (1 / 8, 1 / 4, 3 / 8, 1 / 2, 3 / 4)]
     grid = sorted(set(r for r in (grid if grid is not None else default) if grid is not None or r < dim))
@@ -98,7 +101,8 @@ def measure_sensitivity(model, method, data: torch.Tensor, *, grid: list[int] | 
             for g, rank in enumerate(grid):
                 kl = 0.0
                 for ids, target in zip(batches, targets):
-                    cache = _probe_cache(spec, layer, head, part, rank, key_bases, value_bases, method.sinks)
+                    cache = _probe_cache(spec, layer, head, part, rank, key_bases, value_bases, method.sinks,
+                                         rotaries[layer])
                     logp = torch.log_softmax(_forward(model, ids, cache).float(), dim=-1)
                     kl += float((target.exp() * (target - logp)).sum(-1).sum())
                 table[part][layer, head, g] = kl / data.numel()  # mean over positions
