@@ -6,6 +6,13 @@ with the paper's LLaMA2-7B numbers beside it.
 
     python benchmarks/feature_axis.py --limit 500 --configs full matryoshka-searched@0.5 pca@0.5
     python benchmarks/feature_axis.py --table
+
+Ablation of the levers (issue 19), perplexity only (wiki + c4, compressed attention throughout), one JSON per row
+under ``--out``/ablation: ``variant@budget`` with optional ``:k<r>v<r>`` uniform key/value ranks (the split at that
+average budget), e.g.
+
+    python benchmarks/feature_axis.py --ablation pca@0.5 pca-pre@0.5 pca-pre@0.5:k16v48 --ppl-chunks 12
+    python benchmarks/feature_axis.py --ablation-table
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ VARIANTS = {  # label -> (method, options)
     "full": ("full", {}),
     "pca": ("pca", {}),  # sinks 4 + attention-weighted moments: the best training-free variant
     "pca-searched": ("pca", {"allocation": "searched"}),
+    "pca-pre": ("pca", {"keys": "pre_rope"}),
+    "pca-pre-searched": ("pca", {"keys": "pre_rope", "allocation": "searched"}),
     "matryoshka": ("matryoshka", {}),
     "matryoshka-searched": ("matryoshka", {"allocation": "searched"}),
 }
@@ -33,6 +42,81 @@ def parse(config: str) -> tuple[str, float]:
     if label not in VARIANTS:
         raise SystemExit(f"unknown variant {label!r}; choose from {', '.join(VARIANTS)} (as name@budget)")
     return label, float(budget) if budget else 1.0
+
+
+def parse_split(config: str) -> tuple[str, float, tuple[int, int] | None]:
+    """``variant@budget[:k<r>v<r>]`` -> label, budget, (key rank, value rank) or None (the method's own ranks)."""
+    head, _, split = config.partition(":")
+    label, budget = parse(head)
+    if not split:
+        return label, budget, None
+    k, _, v = split.lstrip("k").partition("v")
+    if not (k.isdigit() and v.isdigit()):
+        raise SystemExit(f"bad split {split!r}: write k<key rank>v<value rank>, e.g. k16v48")
+    return label, budget, (int(k), int(v))
+
+
+def ablation(configs: list[str], out: Path, ppl_chunks: int, corpora: list[str]) -> None:
+    """Perplexity rows (one JSON each, resumable) for the lever ablation; fitted methods are reused across rows."""
+    import kvlab
+    from kvlab.eval.run import evaluate
+
+    model, tok = kvlab.load_model("smollm2")
+    spec = kvlab.ModelSpec.from_model(model)
+    out = out / "ablation"
+    out.mkdir(parents=True, exist_ok=True)
+    fitted = {}
+    for config in configs:
+        label, budget, split = parse_split(config)
+        path = out / f"{config.replace(':', '_')}-c{ppl_chunks}.json"
+        if path.exists():
+            print(f"skip {path} (exists)")
+            continue
+        name, options = VARIANTS[label]
+        if name == "full":
+            method = kvlab.methods.get("full")
+        else:
+            base = fitted.get(label)
+            if base is None:
+                base = fitted[label] = kvlab.methods.get(name, budget, **options).prepare(model, tok)
+                if "loaded_from" not in base.provenance:  # fitted here (with its sensitivity when searched)
+                    from kvlab.methods.artefacts import shipped_dir
+
+                    saved = base.save(shipped_dir() / name / f"smollm2-{base.keys}.safetensors", model)
+                    print(f"saved {saved}", flush=True)
+            extra = {}
+            if split is not None:
+                extra = {"key_ranks": [[split[0]] * spec.n_kv_heads] * spec.n_layers,
+                         "value_ranks": [[split[1]] * spec.n_kv_heads] * spec.n_layers}
+            method = type(base)(**{**base.options(), "budget": budget, **extra}, key_bases=base.key_bases,
+                                value_bases=base.value_bases)
+            method.sensitivity = base.sensitivity
+        result = evaluate(model, tok, method, ppl=corpora, limit=ppl_chunks, progress=False)
+        result.update(label=label, config=config, split=list(split) if split else None)
+        path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+        print(f"{config}: " + ", ".join(f"{c} ppl {result['ppl'][c]['ppl']:.3f}" for c in corpora)
+              + f", measured budget {result['budget']:.4f}, {result['seconds']:.0f} s", flush=True)
+
+
+def ablation_table(out: Path) -> str:
+    rows = [json.loads(p.read_text()) for p in sorted((out / "ablation").glob("*.json"))]
+    full = {r["ppl"]["wiki"]["tokens"]: r for r in rows if r["label"] == "full"}
+    corpora = [c for c in ("wiki", "c4") if rows and c in rows[0]["ppl"]]
+    lines = ["| config | key mode | K rank / V rank | measured budget | " + " | ".join(
+        f"{c} ppl (x full, tokens)" for c in corpora) + " |", "|" + "---|" * (4 + len(corpora))]
+    for r in sorted(rows, key=lambda r: (-(r["budget_nominal"] or 1.0), r["config"])):
+        ref = full.get(r["ppl"]["wiki"]["tokens"])
+        opts = r.get("options", {})
+        split = r.get("split")
+        ranks = f"{split[0]} / {split[1]}" if split else ("searched" if opts.get("allocation") == "searched" else "uniform")
+        cells = []
+        for c in corpora:
+            ppl = r["ppl"][c]["ppl"]
+            rel = f" ({ppl / ref['ppl'][c]['ppl']:.2f}x" if ref else " ("
+            cells.append(f"{ppl:.2f}{rel}, {r['ppl'][c]['tokens']})")
+        lines.append(f"| {r['config']} | {opts.get('keys', '-')} | {ranks} | {r['budget']:.3f} | " + " | ".join(cells)
+                     + " |")
+    return "\n".join(lines)
 
 
 def run(configs: list[str], out: Path, limit: int, ppl_chunks: int, seed: int) -> None:
@@ -88,7 +172,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "data" / "results" / "feature_axis")
     parser.add_argument("--table", action="store_true")
+    parser.add_argument("--ablation", nargs="*", default=[], help="perplexity-only rows: variant@budget[:k<r>v<r>]")
+    parser.add_argument("--corpora", nargs="*", default=["wiki", "c4"])
+    parser.add_argument("--ablation-table", action="store_true")
     args = parser.parse_args()
+    if args.ablation:
+        ablation(args.ablation, args.out, args.ppl_chunks, args.corpora)
+    if args.ablation_table:
+        print(ablation_table(args.out))
     if args.configs:
         run(args.configs, args.out, args.limit, args.ppl_chunks, args.seed)
     if args.table:
