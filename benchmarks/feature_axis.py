@@ -32,6 +32,8 @@ VARIANTS = {  # label -> (method, options)
     "pca-searched": ("pca", {"allocation": "searched"}),
     "pca-pre": ("pca", {"keys": "pre_rope"}),
     "pca-pre-searched": ("pca", {"keys": "pre_rope", "allocation": "searched"}),
+    "pca-oa": ("pca", {"values": "output_aware"}),
+    "pca-pre-oa": ("pca", {"keys": "pre_rope", "values": "output_aware"}),
     "matryoshka": ("matryoshka", {}),
     "matryoshka-searched": ("matryoshka", {"allocation": "searched"}),
 }
@@ -82,7 +84,8 @@ def ablation(configs: list[str], out: Path, ppl_chunks: int, corpora: list[str])
                 if "loaded_from" not in base.provenance:  # fitted here (with its sensitivity when searched)
                     from kvlab.methods.artefacts import shipped_dir
 
-                    saved = base.save(shipped_dir() / name / f"smollm2-{base.keys}.safetensors", model)
+                    stem = f"smollm2-{base.keys}" + ("-output_aware" if base.values == "output_aware" else "")
+                    saved = base.save(shipped_dir() / name / f"{stem}.safetensors", model)
                     print(f"saved {saved}", flush=True)
             extra = {}
             if split is not None:

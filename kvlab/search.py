@@ -58,13 +58,16 @@ class Sensitivity:
 
 
 def _probe_cache(spec: ModelSpec, layer: int, head: int, part: str, rank: int, key_bases, value_bases, sinks,
-                 rotary=None):
+                 rotary=None, value_decoders=None):
     """A cache with every layer full except ``layer``, where only ``head``'s ``part`` is truncated to ``rank``
     (``rotary``: that layer's rotary embedding for pre-RoPE key bases)."""
     dim = spec.head_dim
     keys = [key_bases[layer, h, :, : rank if (part == "K" and h == head) else dim] for h in range(spec.n_kv_heads)]
     values = [value_bases[layer, h, :, : rank if (part == "V" and h == head) else dim] for h in range(spec.n_kv_heads)]
-    return KVLabCache([ProjectedLayer(i, keys, values, sinks=sinks, rotary=rotary) if i == layer else FullLayer(i)
+    decoders = None if value_decoders is None else [
+        value_decoders[layer, h, :, : rank if (part == "V" and h == head) else dim] for h in range(spec.n_kv_heads)]
+    return KVLabCache([ProjectedLayer(i, keys, values, sinks=sinks, rotary=rotary, value_decoders=decoders)
+                       if i == layer else FullLayer(i)
                        for i in range(spec.n_layers)])
 
 
@@ -102,7 +105,7 @@ def measure_sensitivity(model, method, data: torch.Tensor, *, grid: list[int] | 
                 kl = 0.0
                 for ids, target in zip(batches, targets):
                     cache = _probe_cache(spec, layer, head, part, rank, key_bases, value_bases, method.sinks,
-                                         rotaries[layer])
+                                         rotaries[layer], getattr(method, "value_decoders", None))
                     logp = torch.log_softmax(_forward(model, ids, cache).float(), dim=-1)
                     kl += float((target.exp() * (target - logp)).sum(-1).sum())
                 table[part][layer, head, g] = kl / data.numel()  # mean over positions

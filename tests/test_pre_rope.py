@@ -172,3 +172,22 @@ def test_errors_no_rope_other_key_mode_and_missing_rotary(tmp_path):
         PCA.load(path, keys="post_rope")
     with pytest.raises(ValueError, match="new_cache"):
         pre.make_layer(0, spec)
+
+
+def test_bench_decode_runs_pre_rope_beside_post_rope_and_cli_errors(capsys):
+    from kvlab import bench
+    from kvlab.cli import main
+
+    model = kvlab.tiny_model("llama")
+    post = PCA(budget=0.5, sinks=2, source=None).fit(model, _ids())
+    pre = PCA(budget=0.5, sinks=2, keys="pre_rope", source=None).fit(model, _ids())
+    pre.bench_label = "pca@keys=pre_rope"
+    table = bench.decode_speed(model, None, [post, pre], contexts=[24], budget=0.5, new_tokens=3, repeats=1,
+                               progress=False)
+    assert table.method.tolist() == ["none", "pca", "pca@keys=pre_rope"] and (table.tokens_per_s > 0).all()
+    for argv, message in ((["bench", "decode", "--methods", "pca@keys=sideways"], "keys must be one of"),
+                          (["eval", "--method", "pca", "--opt", "values=aware", "--ppl", "wiki"], "values must be one of"),
+                          (["eval", "--method", "matryoshka", "--opt", "values=output_aware", "--ppl", "wiki"],
+                           "values must be 'plain'")):
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err

@@ -57,11 +57,12 @@ class ProjectedEvictionLayer(EvictionLayer):
     positions = _slotted("positions")
 
     def __init__(self, layer_idx: int, policy, key_basis: torch.Tensor, value_basis: torch.Tensor, sinks: int = 0,
-                 rotary: Rotary | None = None):
+                 rotary: Rotary | None = None, value_decoder: torch.Tensor | None = None):
         """``key_basis`` (H_kv, D, r), ``value_basis`` (H_kv, Dv, r_v): orthonormal columns per head; ``rotary``: the
         layer's rotary embedding when the key basis was fitted on pre-RoPE keys."""
         super().__init__(layer_idx, policy)
         self.key_basis, self.value_basis, self.sinks, self.rotary = key_basis, value_basis, int(sinks), rotary
+        self.value_decoder = value_decoder  # (H_kv, Dv, r_v) oblique read of output-aware values; None: value_basis
         self.extras = ("positions",) if rotary is not None else ()
         self.positions = None  # (B, H_kv, C) int32 position of each slot (pre-RoPE only)
         self.sink_keys = self.sink_values = None  # (B, H_kv, S, D) full-size copies of the first S real positions
@@ -69,7 +70,8 @@ class ProjectedEvictionLayer(EvictionLayer):
         self._new = None  # the raw entries of the current forward, until attention has seen which are sinks
 
     def reset(self) -> None:
-        self.__init__(self.layer_idx, self.policy, self.key_basis, self.value_basis, self.sinks, self.rotary)
+        self.__init__(self.layer_idx, self.policy, self.key_basis, self.value_basis, self.sinks, self.rotary,
+                      self.value_decoder)
 
     def lazy_initialization(self, key_states, value_states) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -107,7 +109,8 @@ class ProjectedEvictionLayer(EvictionLayer):
             cos, sin = cos.reshape(batch, heads, slots, dim), sin.reshape(batch, heads, slots, dim)
             half = dim // 2
             keys = keys * cos + torch.cat((-keys[..., half:], keys[..., :half]), dim=-1) * sin
-        values = self.values @ self.value_basis.to(self.values.dtype).transpose(1, 2)
+        decoder = self.value_decoder if self.value_decoder is not None else self.value_basis
+        values = self.values @ decoder.to(self.values.dtype).transpose(1, 2)
         if self.sink_columns is None:
             return keys, values
         match = (self.index.long()[..., None] == self.sink_columns[:, None, None, :]) & (self.index >= 0)[..., None]
@@ -258,7 +261,9 @@ class Composed(Method):
             raise ValueError("a composition with pre-RoPE feature bases rotates the rebuilt keys with the model's "
                              "rotary: build caches with new_cache(model)")
         return ProjectedEvictionLayer(layer_idx, self.policy, feature.key_bases[layer_idx, :, :, :r],
-                                      feature.value_bases[layer_idx, :, :, :r], sinks, rotary)
+                                      feature.value_bases[layer_idx, :, :, :r], sinks, rotary,
+                                      None if getattr(feature, "value_decoders", None) is None
+                                      else feature.value_decoders[layer_idx, :, :, :r])
 
     def new_cache(self, model):
         from ..cache import KVLabCache

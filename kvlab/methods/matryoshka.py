@@ -115,6 +115,9 @@ class MatryoshkaKV(PCA):
 
     # ---- options
     def _check_training_options(self) -> None:
+        if self.values != "plain":
+            raise ValueError(f"matryoshka trains orthogonal value bases: values must be 'plain', got {self.values!r} "
+                             "(output-aware value bases are a PCA option: pca values='output_aware')")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
         if not isinstance(self.steps, int) or self.steps < 0:

@@ -18,6 +18,10 @@ loss (:mod:`kvlab.search`), whose mean is the budget; or explicit ``key_ranks`` 
 :class:`~kvlab.methods.projection.ProjectedLayer`); ``"post_rope"`` fits and stores the keys the model caches.
 Artefacts record their key mode; reading one fitted in the other mode is a ValueError.
 
+``values="output_aware"``: value codes and reads minimise the error after each head's slice of ``o_proj``
+(attention-weighted; a generalised eigenproblem, :mod:`kvlab.methods.output_aware`): the cache stores E^T v as
+before (same bytes) and reads v_hat = F c with a decoder F beside the encoder E; ``"plain"``: orthonormal PCA.
+
 Where the fitted tensors come from (``source``): ``"shipped"`` (default) uses the artefact committed under
 ``data/pca/`` when it was made for this model with the same fitting options, and fits otherwise; a path loads that
 artefact; ``None`` always fits. ``save``/``load`` write and read safetensors + a JSON provenance record.
@@ -40,6 +44,7 @@ from ..rope import Rotary
 
 ALLOCATIONS = ("uniform", "searched")
 KEY_MODES = ("pre_rope", "post_rope")
+VALUE_MODES = ("plain", "output_aware")
 
 
 @dataclass
@@ -49,6 +54,7 @@ class PCA(Method):
 
     budget: float = 0.5
     keys: str = "post_rope"  # "pre_rope" (bases of keys before rotary, rotated back on read) or "post_rope"
+    values: str = "plain"  # "output_aware" (error after o_proj, oblique encoder/decoder) or "plain" (PCA)
     sinks: int = 4
     weighting: str | None = "attention"  # None (plain second moment) or "attention" (the better one here)
     centered: bool = False  # centring is worse here: the cache stores x, not x - mean
@@ -63,9 +69,10 @@ class PCA(Method):
     source: str | None = "shipped"  # "shipped", a path to an artefact, or None (always fit)
     key_bases: torch.Tensor | None = field(default=None, repr=False)  # (L, H_kv, D, D) columns by importance
     value_bases: torch.Tensor | None = field(default=None, repr=False)
+    value_decoders: torch.Tensor | None = field(default=None, repr=False)  # (L, H_kv, D, D), output-aware only
     sensitivity: object | None = field(default=None, repr=False)  # kvlab.search.Sensitivity of these bases
 
-    FIT_OPTIONS: ClassVar[tuple[str, ...]] = ("keys", "sinks", "weighting", "centered", "corpus", "calib_chunks", "chunk_len")
+    FIT_OPTIONS: ClassVar[tuple[str, ...]] = ("keys", "values", "sinks", "weighting", "centered", "corpus", "calib_chunks", "chunk_len")
 
     def __post_init__(self):
         super().__post_init__()
@@ -75,6 +82,8 @@ class PCA(Method):
             raise ValueError(f"weighting must be None or 'attention', got {self.weighting!r}")
         if self.keys not in KEY_MODES:
             raise ValueError(f"keys must be one of {', '.join(KEY_MODES)}, got {self.keys!r}")
+        if self.values not in VALUE_MODES:
+            raise ValueError(f"values must be one of {', '.join(VALUE_MODES)}, got {self.values!r}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         self.provenance: dict = getattr(self, "provenance", None) or {}
@@ -93,9 +102,16 @@ class PCA(Method):
         spectra = head_spectra(model, calib, parts=(part, "values"), centered=self.centered,
                                skip_first=self.sinks, weighting=self.weighting)
         self.key_bases, self.value_bases = spectra.eigenvectors[part], spectra.eigenvectors["values"]
+        self.value_decoders = None
+        if self.values == "output_aware":
+            from .output_aware import oblique_bases, output_metrics, second_moments
+
+            moments = second_moments(spectra.eigenvalues["values"], spectra.eigenvectors["values"])
+            self.value_bases, self.value_decoders = oblique_bases(moments, output_metrics(model))
         self.sensitivity = None
         self.provenance["pca"] = {"calib_shape": list(calib.shape), "sinks_skipped": self.sinks,
-                                  "weighting": self.weighting, "centered": self.centered, "keys": self.keys}
+                                  "weighting": self.weighting, "centered": self.centered, "keys": self.keys,
+                                  "values": self.values}
         return self
 
     def check_model(self, model) -> None:
@@ -193,6 +209,8 @@ class PCA(Method):
             [self.key_bases[layer_idx, h, :, : key_ranks[layer_idx, h]] for h in heads],
             [self.value_bases[layer_idx, h, :, : value_ranks[layer_idx, h]] for h in heads],
             sinks=self.sinks, rotary=rotary,
+            value_decoders=None if self.value_decoders is None else
+            [self.value_decoders[layer_idx, h, :, : value_ranks[layer_idx, h]] for h in heads],
         )
 
     def _check_rotary(self, rotary) -> None:
@@ -203,6 +221,8 @@ class PCA(Method):
     # ---- persistence
     def _tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"key_bases": self.key_bases, "value_bases": self.value_bases}
+        if self.value_decoders is not None:
+            tensors["value_decoders"] = self.value_decoders
         if self.sensitivity is not None:
             tensors.update(self.sensitivity.tensors())
         return tensors
@@ -244,14 +264,21 @@ class PCA(Method):
         keys, values = tensors.get("key_bases"), tensors.get("value_bases")
         if keys is None or values is None or keys.ndim != 4 or keys.shape != values.shape:
             raise ValueError(f"{path} must hold key_bases and value_bases of one shape (layers, kv heads, D, D)")
-        for what in ("key_bases", "value_bases"):
+        decoders = tensors.get("value_decoders")
+        if (decoders is not None) != (self.values == "output_aware"):
+            fitted = "output_aware" if decoders is not None else "plain"
+            raise ValueError(f"{path} holds values={fitted!r} bases but the method asks values={self.values!r}: use "
+                             f"values={fitted!r} with this artefact, or fit one with values={self.values!r}")
+        if decoders is not None and decoders.shape != values.shape:
+            raise ValueError(f"{path}: value_decoders {tuple(decoders.shape)} must match value_bases {tuple(values.shape)}")
+        for what in ("key_bases",) + (("value_bases",) if decoders is None else ()):
             for i, basis in enumerate(tensors[what].reshape(-1, *keys.shape[-2:])):
                 check_orthonormal(basis, f"{path}:{what}[{i // keys.shape[1]}, {i % keys.shape[1]}]")
         fitted = record.get("options", {}).get("keys", "post_rope")  # artefacts before key modes: post-RoPE
         if fitted != self.keys:
             raise ValueError(f"{path} holds key bases fitted on {fitted} keys but the method asks keys={self.keys!r}: "
                              f"use keys={fitted!r} with this artefact, or fit one with keys={self.keys!r}")
-        self.key_bases, self.value_bases = keys, values
+        self.key_bases, self.value_bases, self.value_decoders = keys, values, decoders
         self.sensitivity = Sensitivity.from_tensors(tensors)
         self.provenance = record.get("provenance", {})
         self.metrics = record.get("metrics", {})

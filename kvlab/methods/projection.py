@@ -37,12 +37,14 @@ from .coded import CodedLayer
 class _Group:
     """Kv heads of one layer with the same key rank and the same value rank, stored and read together."""
 
-    def __init__(self, heads: list[int], key_bases: list[torch.Tensor], value_bases: list[torch.Tensor]):
+    def __init__(self, heads: list[int], key_bases: list[torch.Tensor], value_bases: list[torch.Tensor],
+                 value_decoders: list[torch.Tensor]):
         self.heads = heads
         contiguous = heads == list(range(heads[0], heads[0] + len(heads)))
         self.select = slice(heads[0], heads[-1] + 1) if contiguous else torch.tensor(heads)  # picks them on dim 1
         self.key_basis = torch.stack([key_bases[h] for h in heads])  # (n, D, r)
-        self.value_basis = torch.stack([value_bases[h] for h in heads])  # (n, Dv, r_v)
+        self.value_basis = torch.stack([value_bases[h] for h in heads])  # (n, Dv, r_v) encoder
+        self.value_decoder = torch.stack([value_decoders[h] for h in heads])  # (n, Dv, r_v): = encoder unless oblique
         self.keys = self.values = None  # (B, n, capacity, r), (B, n, capacity, r_v); the first ``length`` are codes
 
 
@@ -50,11 +52,16 @@ class ProjectedLayer(CodedLayer):
     fast_decode: bool = True  # one-token reads score against the codes (False: always reconstruct K_hat, V_hat)
 
     def __init__(self, layer_idx: int, key_bases: list[torch.Tensor], value_bases: list[torch.Tensor], sinks: int = 0,
-                 min_grow: int = 32, rotary: Rotary | None = None):
+                 min_grow: int = 32, rotary: Rotary | None = None, value_decoders: list[torch.Tensor] | None = None):
         """``key_bases[h]``: (D, r_h) with orthonormal columns; ``value_bases[h]``: (D, r_v_h). ``rotary``: the
-        layer's rotary embedding when the key bases were fitted on pre-RoPE keys (None: post-RoPE bases)."""
+        layer's rotary embedding when the key bases were fitted on pre-RoPE keys (None: post-RoPE bases).
+        ``value_decoders[h]`` (D, r_v_h): an oblique value read, v_hat = F (E^T v) (output-aware bases,
+        :mod:`kvlab.methods.output_aware`); None: v_hat = W (W^T v) with the orthonormal ``value_bases``."""
         super().__init__(layer_idx, sinks)
         self.rotary = rotary
+        self.value_decoders = list(value_decoders) if value_decoders is not None else None
+        if self.value_decoders is not None and [d.shape for d in self.value_decoders] != [w.shape for w in value_bases]:
+            raise ValueError("value_decoders must match value_bases head by head in shape (D, r_v)")
         self.positions = None  # (B, capacity) int32, pre-RoPE only: the position each stored key was rotated by
         self._new_positions = None
         if len(key_bases) != len(value_bases):
@@ -64,7 +71,8 @@ class ProjectedLayer(CodedLayer):
         by_ranks: dict[tuple[int, int], list[int]] = {}
         for h, (u, w) in enumerate(zip(self.key_bases, self.value_bases)):
             by_ranks.setdefault((u.shape[1], w.shape[1]), []).append(h)
-        self._groups = [_Group(heads, self.key_bases, self.value_bases) for heads in by_ranks.values()]
+        decoders = self.value_decoders if self.value_decoders is not None else self.value_bases
+        self._groups = [_Group(heads, self.key_bases, self.value_bases, decoders) for heads in by_ranks.values()]
         self._where = {h: (g, i) for g in self._groups for i, h in enumerate(g.heads)}  # kv head -> (group, index)
 
     @property
@@ -79,7 +87,8 @@ class ProjectedLayer(CodedLayer):
                 if self._where[h][0].values is not None]
 
     def reset(self) -> None:
-        self.__init__(self.layer_idx, self.key_bases, self.value_bases, self.sinks, self.min_grow, self.rotary)
+        self.__init__(self.layer_idx, self.key_bases, self.value_bases, self.sinks, self.min_grow, self.rotary,
+                      self.value_decoders)
 
     def lazy_initialization(self, key_states, value_states) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -134,7 +143,7 @@ class ProjectedLayer(CodedLayer):
 
     def _decode_all(self):
         parts = [(g, self._rotate(g.keys[:, :, : self.length] @ g.key_basis.to(g.keys.dtype).transpose(1, 2)),
-                  g.values[:, :, : self.length] @ g.value_basis.to(g.values.dtype).transpose(1, 2))
+                  g.values[:, :, : self.length] @ g.value_decoder.to(g.values.dtype).transpose(1, 2))
                  for g in self._groups]  # (B, n, T, D) per group
         if len(parts) == 1:
             return parts[0][1], parts[0][2]  # (B, H_kv, T, D), fresh tensors
@@ -192,7 +201,7 @@ class ProjectedLayer(CodedLayer):
             else:  # pre-RoPE: rebuild U c and rotate each entry by its position (kvlab.kernels.rope_attention)
                 scores = q_g @ self._rotate(k_codes @ g.key_basis.to(dtype).transpose(1, 2)).transpose(2, 3)
             scores = scores.float() * scale + bias  # (B, n, G, T)
-            lift = g.value_basis.to(dtype).transpose(1, 2)  # (n, r_v, Dv)
+            lift = g.value_decoder.to(dtype).transpose(1, 2)  # (n, r_v, Dv)
             if sink_bias is None:
                 o = (torch.softmax(scores, dim=-1).to(dtype) @ v_codes) @ lift
             else:
