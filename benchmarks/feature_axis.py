@@ -30,10 +30,13 @@ VARIANTS = {  # label -> (method, options)
     "full": ("full", {}),
     "pca": ("pca", {}),  # sinks 4 + attention-weighted moments: the best training-free variant
     "pca-searched": ("pca", {"allocation": "searched"}),
-    "pca-pre": ("pca", {"keys": "pre_rope"}),
-    "pca-pre-searched": ("pca", {"keys": "pre_rope", "allocation": "searched"}),
-    "pca-oa": ("pca", {"values": "output_aware"}),
-    "pca-pre-oa": ("pca", {"keys": "pre_rope", "values": "output_aware"}),
+    # pre-RoPE fits on 16 x 512 calibration tokens (what the shared 2-core CPU allowed; the shipped post-RoPE PCA
+    # used 64 x 512); output-aware values reuse the pre-RoPE fit's value moments (same data)
+    "pca-pre": ("pca", {"keys": "pre_rope", "calib_chunks": 16}),
+    "pca-pre-split": ("pca", {"keys": "pre_rope", "calib_chunks": 16, "allocation": "split"}),
+    "pca-pre-oa": ("pca", {"keys": "pre_rope", "calib_chunks": 16, "values": "output_aware"}),
+    "pca-pre-oa-split": ("pca", {"keys": "pre_rope", "calib_chunks": 16, "values": "output_aware",
+                                 "allocation": "split"}),
     "matryoshka": ("matryoshka", {}),
     "matryoshka-searched": ("matryoshka", {"allocation": "searched"}),
 }
@@ -78,27 +81,50 @@ def ablation(configs: list[str], out: Path, ppl_chunks: int, corpora: list[str])
         if name == "full":
             method = kvlab.methods.get("full")
         else:
-            base = fitted.get(label)
-            if base is None:
-                base = fitted[label] = kvlab.methods.get(name, budget, **options).prepare(model, tok)
-                if "loaded_from" not in base.provenance:  # fitted here (with its sensitivity when searched)
-                    from kvlab.methods.artefacts import shipped_dir
-
-                    stem = f"smollm2-{base.keys}" + ("-output_aware" if base.values == "output_aware" else "")
-                    saved = base.save(shipped_dir() / name / f"{stem}.safetensors", model)
-                    print(f"saved {saved}", flush=True)
+            root = label.removesuffix("-split")  # a split variant reuses its root's fit
+            base = fitted.get(root) or _fit(model, tok, root, fitted)
             extra = {}
             if split is not None:
                 extra = {"key_ranks": [[split[0]] * spec.n_kv_heads] * spec.n_layers,
                          "value_ranks": [[split[1]] * spec.n_kv_heads] * spec.n_layers}
-            method = type(base)(**{**base.options(), "budget": budget, **extra}, key_bases=base.key_bases,
-                                value_bases=base.value_bases)
+            allocation = "split" if label.endswith("-split") else base.allocation
+            method = type(base)(**{**base.options(), "budget": budget, "allocation": allocation, **extra},
+                                key_bases=base.key_bases, value_bases=base.value_bases,
+                                value_decoders=base.value_decoders)
             method.sensitivity = base.sensitivity
+            if allocation == "split":
+                method.search_split(model, tok, progress=False)
+                print(f"{config}: split search {method.provenance['search']}", flush=True)
         result = evaluate(model, tok, method, ppl=corpora, limit=ppl_chunks, progress=False)
-        result.update(label=label, config=config, split=list(split) if split else None)
+        result.update(label=label, config=config, split=list(split) if split else None,
+                      search=getattr(method, "provenance", {}).get("search"))
         path.write_text(json.dumps(result, indent=1, default=str) + "\n")
         print(f"{config}: " + ", ".join(f"{c} ppl {result['ppl'][c]['ppl']:.3f}" for c in corpora)
               + f", measured budget {result['budget']:.4f}, {result['seconds']:.0f} s", flush=True)
+
+
+def _fit(model, tok, label: str, fitted: dict):
+    """Fit (or load) the root variant ``label``; output-aware values come from the pca-pre fit's moments when
+    that fit ran in this process. Fitted artefacts are saved under data/pca/."""
+    import dataclasses
+
+    import kvlab
+    from kvlab.methods.artefacts import shipped_dir
+
+    name, options = VARIANTS[label]
+    plain = fitted.get("pca-pre")
+    if options.get("values") == "output_aware" and getattr(plain, "value_moments", None) is not None:
+        base = dataclasses.replace(plain, values="plain", allocation="uniform", key_ranks=None, value_ranks=None)
+        base.value_moments, base.provenance = plain.value_moments, dict(plain.provenance)
+        base.make_output_aware(model)
+        print(f"{label}: output-aware values from the pca-pre fit", flush=True)
+    else:
+        base = kvlab.methods.get(name, 0.5, **options).prepare(model, tok)
+    fitted[label] = base
+    if "loaded_from" not in base.provenance:
+        stem = f"smollm2-{base.keys}" + ("-output_aware" if base.values == "output_aware" else "")
+        print(f"saved {base.save(shipped_dir() / name / f'{stem}.safetensors', model)}", flush=True)
+    return base
 
 
 def ablation_table(out: Path) -> str:

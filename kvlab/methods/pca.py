@@ -10,7 +10,10 @@ error on the tokens that receive most attention matters far more than average en
 
 ``budget`` is the fraction of features kept. ``allocation="uniform"``: rank r = round(budget * head_dim) for every
 head's keys and values; ``allocation="searched"``: per-(layer, head, K/V) ranks from the greedy search on measured
-loss (:mod:`kvlab.search`), whose mean is the budget; or explicit ``key_ranks`` / ``value_ranks``. Sink copies add
+loss (:mod:`kvlab.search`), whose mean is the budget; ``allocation="split"``: uniform over heads, but the budget split
+between keys and values by held-out KL (:func:`kvlab.search.search_split`; cheap pre-RoPE keys give their dims to
+values); or explicit ``key_ranks`` / ``value_ranks``. The searches record their objective and held-out score in
+``provenance["search"]`` (saved with the artefact). Sink copies add
 ``sinks`` full-rank entries per sequence; ``cache.kv_bytes()`` reports the measured total.
 
 ``keys="pre_rope"`` (RoPE models): the key bases are fitted on keys before rotary (lower rank: 9.9 vs 24.8 dims for
@@ -42,7 +45,7 @@ from .base import Method
 from .projection import ProjectedLayer, check_orthonormal
 from ..rope import Rotary
 
-ALLOCATIONS = ("uniform", "searched")
+ALLOCATIONS = ("uniform", "searched", "split")
 KEY_MODES = ("pre_rope", "post_rope")
 VALUE_MODES = ("plain", "output_aware")
 
@@ -101,17 +104,31 @@ class PCA(Method):
         part = "keys_pre" if self.keys == "pre_rope" else "keys"
         spectra = head_spectra(model, calib, parts=(part, "values"), centered=self.centered,
                                skip_first=self.sinks, weighting=self.weighting)
+        from .output_aware import second_moments
+
         self.key_bases, self.value_bases = spectra.eigenvectors[part], spectra.eigenvectors["values"]
         self.value_decoders = None
+        # (L, H_kv, D, D) weighted value moments, kept in memory (not saved): output-aware bases from the same fit
+        self.value_moments = second_moments(spectra.eigenvalues["values"], spectra.eigenvectors["values"])
         if self.values == "output_aware":
-            from .output_aware import oblique_bases, output_metrics, second_moments
-
-            moments = second_moments(spectra.eigenvalues["values"], spectra.eigenvectors["values"])
-            self.value_bases, self.value_decoders = oblique_bases(moments, output_metrics(model))
+            self.make_output_aware(model)
         self.sensitivity = None
         self.provenance["pca"] = {"calib_shape": list(calib.shape), "sinks_skipped": self.sinks,
                                   "weighting": self.weighting, "centered": self.centered, "keys": self.keys,
                                   "values": self.values}
+        return self
+
+    def make_output_aware(self, model) -> "PCA":
+        """Switch the value bases of this fit to output-aware ones (:mod:`kvlab.methods.output_aware`), from the
+        value moments of the last :meth:`fit` (no second pass over the data)."""
+        from .output_aware import oblique_bases, output_metrics
+
+        if getattr(self, "value_moments", None) is None:
+            raise RuntimeError("output-aware value bases need the value moments of a fit in this session: call .fit")
+        self.value_bases, self.value_decoders = oblique_bases(self.value_moments, output_metrics(model))
+        self.values = "output_aware"
+        self.sensitivity = None
+        self.provenance.setdefault("pca", {})["values"] = "output_aware"
         return self
 
     def check_model(self, model) -> None:
@@ -146,6 +163,40 @@ class PCA(Method):
                 self._fit_default(model, tokenizer)
         if self.allocation == "searched" and self.key_ranks is None and self.sensitivity is None:
             self.search(model, tokenizer)
+        if self.allocation == "split" and self.key_ranks is None:
+            self.search_split(model, tokenizer)
+        return self
+
+    def heldout(self, tokenizer, n_chunks: int = 4) -> torch.Tensor:
+        """(n, search_chunk_len) ids from the end of the corpus' calib split: never used by the fit (which reads
+        its first ``calib_chunks`` x ``chunk_len`` tokens) nor by evaluation (the eval split)."""
+        from ..data import text_chunks
+
+        chunks = text_chunks(self.corpus, tokenizer, chunk_len=self.search_chunk_len, split="calib")
+        if (len(chunks) - n_chunks) * self.search_chunk_len < self.calib_chunks * self.chunk_len:
+            raise ValueError(f"the {self.corpus} calib split is too short for {n_chunks} held-out chunks after the "
+                             f"{self.calib_chunks} x {self.chunk_len} fit tokens")
+        return chunks[-n_chunks:]
+
+    def search_split(self, model, tokenizer=None, data: torch.Tensor | None = None, progress: bool = True) -> "PCA":
+        """Pick uniform key and value ranks splitting the budget by held-out KL (:func:`kvlab.search.search_split`)
+        on ``data`` or :meth:`heldout` chunks; sets ``key_ranks``/``value_ranks`` and records the search."""
+        from .. import search
+
+        if data is None:
+            if tokenizer is None:
+                raise ValueError("search_split needs held-out token ids (data=) or a tokenizer to draw them")
+            data = self.heldout(tokenizer)
+        tic = time.perf_counter()
+        k, v, rows = search.search_split(model, self, data, progress=progress)
+        spec = ModelSpec.from_model(model)
+        self.key_ranks = [[k] * spec.n_kv_heads for _ in range(spec.n_layers)]
+        self.value_ranks = [[v] * spec.n_kv_heads for _ in range(spec.n_layers)]
+        best = min(r["heldout_kl"] for r in rows)
+        self.provenance["search"] = {"kind": "split", "objective": search.OBJECTIVE, "budget": self.budget,
+                                     "heldout_shape": list(data.shape), "candidates": rows, "key_rank": k,
+                                     "value_rank": v, "heldout_kl": best,
+                                     "seconds": round(time.perf_counter() - tic, 1)}
         return self
 
     def _source_path(self, model) -> Path | None:
@@ -175,14 +226,23 @@ class PCA(Method):
                                split="calib", seed=1)
         tic = time.perf_counter()
         self.sensitivity = search.measure_sensitivity(model, self, data, progress=progress, **kwargs)
-        self.provenance["search"] = {"data_shape": list(data.shape), "seconds": round(time.perf_counter() - tic, 1),
+        self.provenance["search"] = {"kind": "greedy", "objective": "greedy on per-unit KL(full || one unit "
+                                     "truncated), additive over units", "data_shape": list(data.shape),
+                                     "seconds": round(time.perf_counter() - tic, 1),
                                      "grid": self.sensitivity.grid.tolist()}
+        if tokenizer is not None and self.allocation == "searched":  # the allocation's score on held-out ids
+            held = self.heldout(tokenizer)
+            self.provenance["search"].update(heldout_objective=search.OBJECTIVE, heldout_shape=list(held.shape),
+                                             heldout_kl={str(self.budget): search.heldout_kl(model, self, held)})
         return self
 
     def ranks(self, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """(L, H_kv) key and value ranks."""
         uniform = torch.full((spec.n_layers, spec.n_kv_heads), max(1, round(self.budget * spec.head_dim)))
         keys = values = uniform
+        if self.key_ranks is None and self.allocation == "split":
+            raise RuntimeError("allocation='split' needs its K/V split: call .prepare(model, tokenizer) or "
+                               ".search_split(model, data=ids) first")
         if self.key_ranks is None and self.allocation == "searched":
             if self.sensitivity is None:
                 raise RuntimeError("allocation='searched' needs a rank sensitivity table: call .prepare(model, "
