@@ -131,19 +131,27 @@ def ablation_table(out: Path) -> str:
     rows = [json.loads(p.read_text()) for p in sorted((out / "ablation").glob("*.json"))]
     full = {r["ppl"]["wiki"]["tokens"]: r for r in rows if r["label"] == "full"}
     corpora = [c for c in ("wiki", "c4") if rows and c in rows[0]["ppl"]]
-    lines = ["| config | key mode | K rank / V rank | measured budget | " + " | ".join(
-        f"{c} ppl (x full, tokens)" for c in corpora) + " |", "|" + "---|" * (4 + len(corpora))]
+    lines = ["| config | keys | values | K rank / V rank | measured budget | " + " | ".join(
+        f"{c} ppl (x full, tokens)" for c in corpora) + " |", "|" + "---|" * (5 + len(corpora))]
     for r in sorted(rows, key=lambda r: (-(r["budget_nominal"] or 1.0), r["config"])):
         ref = full.get(r["ppl"]["wiki"]["tokens"])
         opts = r.get("options", {})
         split = r.get("split")
-        ranks = f"{split[0]} / {split[1]}" if split else ("searched" if opts.get("allocation") == "searched" else "uniform")
+        search = r.get("search") or {}
+        if split:
+            ranks = f"{split[0]} / {split[1]}"
+        elif search.get("kind") == "split":
+            ranks = f"{search['key_rank']} / {search['value_rank']} (split search)"
+        else:
+            ranks = "searched" if opts.get("allocation") == "searched" else "uniform"
         cells = []
         for c in corpora:
             ppl = r["ppl"][c]["ppl"]
             rel = f" ({ppl / ref['ppl'][c]['ppl']:.2f}x" if ref else " ("
             cells.append(f"{ppl:.2f}{rel}, {r['ppl'][c]['tokens']})")
-        lines.append(f"| {r['config']} | {opts.get('keys', '-')} | {ranks} | {r['budget']:.3f} | " + " | ".join(cells)
+        keys = opts.get("keys", "post_rope") if r["label"] != "full" else "-"  # rows before key modes: post-RoPE
+        values = opts.get("values", "plain") if r["label"] != "full" else "-"
+        lines.append(f"| {r['config']} | {keys} | {values} | {ranks} | {r['budget']:.3f} | " + " | ".join(cells)
                      + " |")
     return "\n".join(lines)
 
