@@ -155,7 +155,7 @@ def decode_speed(model, tokenizer=None, methods: Sequence = DEFAULT_METHODS, con
     from tqdm.auto import tqdm
 
     _check(contexts, budget, new_tokens, repeats)
-    names = [m if isinstance(m, str) else m.name for m in methods]
+    names = [m if isinstance(m, str) else getattr(m, "bench_label", None) or m.name for m in methods]
     if BASELINE not in names:
         methods, names = [BASELINE, *methods], [BASELINE, *names]
     if len(set(names)) != len(names):

@@ -194,8 +194,8 @@ def cmd_bench_decode(args) -> int:
     contexts = list(args.contexts)  # cliargs.IntList: integers >= 2
     if any(c < 2 for c in contexts):
         raise UsageError(f"--contexts must be token counts >= 2, got {contexts}")
-    names = _split(args.methods)
-    bad = [n for n in names if n not in registry.REGISTRY]
+    names = _split(args.methods)  # name or name@key=value;key=value (e.g. pca@keys=pre_rope)
+    bad = [n for n in names if n.partition("@")[0] not in registry.REGISTRY]
     if bad or not names:
         raise UsageError(f"unknown method(s) {bad or names}; choose from {', '.join(sorted(registry.REGISTRY))}")
     if len(set(names)) != len(names):
@@ -206,11 +206,16 @@ def cmd_bench_decode(args) -> int:
         if value < 1:
             raise UsageError(f"{what} must be a positive integer, got {value}")
     built = []
-    for name in names:  # check options before loading the model
+    for spec in names:  # check options before loading the model
+        name, _, raw = spec.partition("@")
+        options = parse_options([p for p in raw.split(";") if p]) if raw else {}
         try:
-            built.append(registry.get(name, None if name in ("none", "full") else args.budget))
+            method = registry.get(name, None if name in ("none", "full") else args.budget, **options)
         except (ValueError, TypeError) as e:
             raise UsageError(str(e)) from e
+        if raw:
+            method.bench_label = spec
+        built.append(method)
 
     from . import bench, models
 
@@ -356,8 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2", type=Model())
     p.add_argument("--contexts", default="512,4096", type=IntList(2, 1 << 20),
                    help="comma-separated context lengths (tokens of wiki text)")
-    p.add_argument("--methods", default="none,full,streaming,pca", type=Names(_method_names, "method"),
-                   help="comma-separated methods; 'none' (the plain model, every ratio's baseline) is added if missing")
+    p.add_argument("--methods", default="none,full,streaming,pca",
+                   type=Names(_method_names, "method", name_of=lambda item: item.partition("@")[0]),
+                   help="comma-separated methods, each name or name@key=value;key=value (e.g. pca@keys=pre_rope); "
+                        "'none' (the plain model, every ratio's baseline) is added if missing")
     p.add_argument("--budget", type=FRACTION, default=0.5, help="budget of the compressing methods, in (0, 1]")
     p.add_argument("--new-tokens", type=Int(1, 1 << 16), default=32, help="tokens decoded (timed) per run")
     p.add_argument("--repeats", type=Int(1, 1000), default=3, help="runs per method, interleaved; medians are reported")

@@ -94,8 +94,10 @@ class Names(Kind):
     """One name (``many=False``) or a comma-separated list of names from ``choices()`` (called when parsing, so
     importing the CLI stays cheap). The value keeps its text form; commands split it."""
 
-    def __init__(self, choices: Callable[[], Iterable[str]], what: str, many: bool = True, example: str | None = None):
-        self.choices, self.what, self.many, self._example = choices, what, many, example
+    def __init__(self, choices: Callable[[], Iterable[str]], what: str, many: bool = True, example: str | None = None,
+                 name_of: Callable[[str], str] = str.strip):
+        """``name_of`` picks the name out of an item (e.g. ``pca@keys=pre_rope`` -> ``pca``)."""
+        self.choices, self.what, self.many, self._example, self.name_of = choices, what, many, example, name_of
 
     def describe(self) -> str:
         return f"{'comma-separated ' if self.many else ''}{self.what} from: {', '.join(self.choices())}"
@@ -108,7 +110,7 @@ class Names(Kind):
         allowed = list(self.choices())
         if not items or any(not x for x in items):
             self.fail(raw, f"expected {self.describe()} (no empty item)")
-        bad = [x for x in items if x not in allowed]
+        bad = [x for x in items if self.name_of(x) not in allowed]
         if bad:
             self.fail(raw, f"unknown {self.what} {', '.join(map(repr, bad))}; choose {self.describe()}")
         if len(set(items)) != len(items):

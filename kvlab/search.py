@@ -57,12 +57,17 @@ class Sensitivity:
         return pd.DataFrame(rows)
 
 
-def _probe_cache(spec: ModelSpec, layer: int, head: int, part: str, rank: int, key_bases, value_bases, sinks):
-    """A cache with every layer full except ``layer``, where only ``head``'s ``part`` is truncated to ``rank``."""
+def _probe_cache(spec: ModelSpec, layer: int, head: int, part: str, rank: int, key_bases, value_bases, sinks,
+                 rotary=None, value_decoders=None):
+    """A cache with every layer full except ``layer``, where only ``head``'s ``part`` is truncated to ``rank``
+    (``rotary``: that layer's rotary embedding for pre-RoPE key bases)."""
     dim = spec.head_dim
     keys = [key_bases[layer, h, :, : rank if (part == "K" and h == head) else dim] for h in range(spec.n_kv_heads)]
     values = [value_bases[layer, h, :, : rank if (part == "V" and h == head) else dim] for h in range(spec.n_kv_heads)]
-    return KVLabCache([ProjectedLayer(i, keys, values, sinks=sinks) if i == layer else FullLayer(i)
+    decoders = None if value_decoders is None else [
+        value_decoders[layer, h, :, : rank if (part == "V" and h == head) else dim] for h in range(spec.n_kv_heads)]
+    return KVLabCache([ProjectedLayer(i, keys, values, sinks=sinks, rotary=rotary, value_decoders=decoders)
+                       if i == layer else FullLayer(i)
                        for i in range(spec.n_layers)])
 
 
@@ -84,6 +89,7 @@ def measure_sensitivity(model, method, data: torch.Tensor, *, grid: list[int] | 
     if not getattr(method, "fitted", False):
         raise RuntimeError(f"method {method.name!r} has no bases yet: fit or prepare it before measuring sensitivity")
     key_bases, value_bases = method.key_bases, method.value_bases
+    rotaries = method.rotaries(model) if hasattr(method, "rotaries") else [None] * spec.n_layers
     dim = spec.head_dim
     default = [max(1, round(dim * f)) for f in (1 / 8, 1 / 4, 3 / 8, 1 / 2, 3 / 4)]
     grid = sorted(set(r for r in (grid if grid is not None else default) if grid is not None or r < dim))
@@ -98,7 +104,8 @@ def measure_sensitivity(model, method, data: torch.Tensor, *, grid: list[int] | 
             for g, rank in enumerate(grid):
                 kl = 0.0
                 for ids, target in zip(batches, targets):
-                    cache = _probe_cache(spec, layer, head, part, rank, key_bases, value_bases, method.sinks)
+                    cache = _probe_cache(spec, layer, head, part, rank, key_bases, value_bases, method.sinks,
+                                         rotaries[layer], getattr(method, "value_decoders", None))
                     logp = torch.log_softmax(_forward(model, ids, cache).float(), dim=-1)
                     kl += float((target.exp() * (target - logp)).sum(-1).sum())
                 table[part][layer, head, g] = kl / data.numel()  # mean over positions
@@ -149,3 +156,60 @@ def allocate(sens: Sensitivity, budget: float) -> tuple[torch.Tensor, torch.Tens
     for (layer, head, part), i in at.items():
         ranks[part][layer, head] = levels[i]
     return ranks["K"], ranks["V"]
+
+
+OBJECTIVE = "mean per-position KL(full-cache model || compressed model) on held-out token ids"
+
+
+@torch.no_grad()
+def heldout_kl(model, method, data: torch.Tensor, *, batch_size: int = 4, targets=None) -> float:
+    """The search objective on held-out ids ``data`` (N, T): mean per-position KL(full || ``method``)."""
+    from .train import _forward, check_tokens, teacher_logprobs
+
+    data = check_tokens(data, "held-out data")
+    batches = [data[i: i + batch_size] for i in range(0, data.shape[0], batch_size)]
+    targets = targets if targets is not None else [teacher_logprobs(model, ids) for ids in batches]
+    kl = 0.0
+    with method.attached(model):
+        for ids, target in zip(batches, targets):
+            logp = torch.log_softmax(_forward(model, ids, method.new_cache(model)).float(), dim=-1)
+            kl += float((target.exp() * (target - logp)).sum(-1).sum())
+    return kl / data.numel()
+
+
+@torch.no_grad()
+def search_split(model, method, data: torch.Tensor, *, fractions=(0.25, 0.375, 0.5, 0.625, 0.75),
+                 batch_size: int = 4, progress: bool = False):
+    """Split one feature budget between keys and values, judged on held-out ids ``data`` (N, T).
+
+    ``method`` (fitted PCA / MatryoshkaKV) keeps ``budget * D`` dims per head on average over K and V, i.e.
+    2 * budget * D per head in all; each fraction f gives keys r_k = round(f * 2 * budget * D) and values the rest
+    (clamped to 1..D), uniform over heads. Returns (key rank, value rank, table rows) of the split with the lowest
+    :func:`heldout_kl`; the uniform split (f = 0.5) is always among the candidates."""
+    from tqdm.auto import tqdm
+
+    from .train import teacher_logprobs
+
+    spec = ModelSpec.from_model(model)
+    total = 2 * max(1, round(method.budget * spec.head_dim))
+    candidates = sorted({(min(spec.head_dim, max(1, round(f * total))),) for f in (*fractions, 0.5)})
+    pairs = sorted({(k, min(spec.head_dim, max(1, total - k))) for (k,) in candidates})
+    batches = [data[i: i + batch_size] for i in range(0, data.shape[0], batch_size)]
+    targets = [teacher_logprobs(model, ids) for ids in batches]
+    shape = (spec.n_layers, spec.n_kv_heads)
+    rows = []
+    for k, v in tqdm(pairs, desc="K/V split", disable=not progress):
+        probe = _with_ranks(method, torch.full(shape, k).tolist(), torch.full(shape, v).tolist())
+        rows.append({"key_rank": k, "value_rank": v, "heldout_kl": heldout_kl(model, probe, data, batch_size=batch_size,
+                                                                              targets=targets)})
+    best = min(rows, key=lambda r: r["heldout_kl"])
+    return best["key_rank"], best["value_rank"], rows
+
+
+def _with_ranks(method, key_ranks, value_ranks):
+    """A copy of ``method`` sharing its bases, at explicit per-head ranks."""
+    import dataclasses
+
+    other = dataclasses.replace(method, key_ranks=key_ranks, value_ranks=value_ranks)
+    other.sensitivity = method.sensitivity
+    return other

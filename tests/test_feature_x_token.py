@@ -137,3 +137,67 @@ def test_an_unfitted_feature_method_is_an_error():
     model = kvlab.tiny_model("llama")
     with pytest.raises(RuntimeError, match="no bases yet"):
         Composed(feature_method=PCA(source=None)).new_cache(model)
+
+
+_PRE = {}
+
+
+def _pca_pre(arch="llama", sinks=2):
+    if (arch, sinks) not in _PRE:
+        model = kvlab.tiny_model(arch)
+        ids = torch.randint(3, 97, (4, 24), generator=torch.Generator().manual_seed(0))
+        _PRE[arch, sinks] = model, PCA(budget=0.5, sinks=sinks, keys="pre_rope", source=None).fit(model, ids)
+    return _PRE[arch, sinks]
+
+
+@pytest.mark.parametrize("token", ["h2o", "snapkv"])
+def test_pre_rope_features_full_rank_is_the_token_method_alone(token):
+    model, pca = _pca_pre()
+    ids, mask, pos = left_padded_batch(97, [19, 12], seed=3)
+    cont = torch.randint(3, 97, (2, 3), generator=torch.Generator().manual_seed(4))
+    options = {"window": 4} if token == "snapkv" else {}
+    alone, _ = _run(model, TOKENS[token](budget=0.4, **options), ids, mask, pos, cont)
+    both, cache = _run(model, Composed(budget=0.4, token=token, feature_budget=1.0, feature_method=pca,
+                                       token_options=options), ids, mask, pos, cont)
+    torch.testing.assert_close(both, alone, atol=2e-4, rtol=0)
+    assert all(layer.rotary is not None and layer.positions is not None for layer in cache.layers)
+
+
+def test_pre_rope_features_read_rebuilds_and_rotates_each_slot():
+    model, pca = _pca_pre(sinks=2)
+    ids, mask, pos = left_padded_batch(97, [15, 9], seed=5)
+    method = Composed(budget=0.25, feature_budget=0.5, feature_method=pca)
+    cap = kvlab.capture(model, ids, mask, what=("keys", "keys_pre"), layers=[0])
+    _, cache = _run(model, method, ids, mask, pos, torch.randint(3, 97, (2, 1)))
+    layer, spec = cache.layers[0], kvlab.ModelSpec.from_model(model)
+    r = method.rank(spec)
+    keys, _ = layer.read()
+    basis = pca.key_bases[0, :, :, :r]
+    rot = kvlab.rope.Rotary.from_model(model, 0)
+    for row in range(2):
+        start = int((mask[row] == 0).sum())
+        for h in range(spec.n_kv_heads):
+            for slot, col in enumerate(layer.index[row, h].tolist()):
+                if col < 0 or col >= ids.shape[1]:
+                    continue
+                assert int(layer.positions[row, h, slot]) == col - start  # kept through eviction
+                if col - start < 2:
+                    expected = cap.keys[0][row, h, col]  # sink: the full post-RoPE key
+                else:
+                    pre = basis[h] @ (basis[h].T @ cap.keys_pre[0][row, h, col])
+                    expected = rot.rotate(pre[None, None, None], torch.tensor([[col - start]]))[0, 0, 0]
+                torch.testing.assert_close(keys[row, h, slot], expected, atol=1e-4, rtol=0)
+
+
+def test_pre_rope_features_bytes_are_codes_sinks_index_and_positions():
+    model, pca = _pca_pre(sinks=0)
+    ids = torch.randint(3, 97, (2, 40), generator=torch.Generator().manual_seed(6))
+    mask, pos = torch.ones_like(ids), torch.arange(40).expand(2, 40)
+    method = Composed(budget=0.25, feature_budget=0.5, feature_method=pca)
+    with torch.no_grad(), method.apply(model) as cache:
+        model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        method.compress(cache, attention_mask=mask)
+    b = kvlab.kv_bytes(cache)
+    slots = sum(layer.index.numel() for layer in cache.layers)
+    assert b.measured == b.theoretical + slots * (2 + 4)  # + int16 index and int32 positions per slot
+    assert b.budget < 0.3

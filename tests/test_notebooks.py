@@ -66,6 +66,9 @@ def check_02_pca_vs_trained(results: dict) -> None:
         assert abs(measured - 0.5) <= 0.02
         assert measured == pytest.approx(results["theoretical_budget_at_50"][variant], abs=1e-3)
     assert results["measured_budget_at_50"]["PCA"] == pytest.approx(0.5, abs=1e-4)  # no sinks: exactly half
+    levers = results["lever_ppl_ratio"]  # issue 19: pre-RoPE keys, key-light split, output-aware values
+    assert len(levers) == 5 and all(set(r) == {"0.75", "0.5"} and min(r.values()) >= 0.99 for r in levers.values())
+    assert abs(results["lever_measured_budget_at_50"] - results["lever_theoretical_budget_at_50"]) <= 0.02 * 0.5
     for ranks in results["searched_mean_ranks_at_50"].values():
         assert 1 <= ranks["keys"] <= 64 and 1 <= ranks["values"] <= 64
         assert 31.0 <= (ranks["keys"] + ranks["values"]) / 2 <= 32.0 + 1e-9

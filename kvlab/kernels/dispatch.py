@@ -17,6 +17,7 @@ from .paged_attention import reference as _paged
 from .project_append import reference as _append
 from .projected_attention import reference as _projected
 from .quant_attention import reference as _quant
+from .rope_attention import reference as _rope
 
 
 @lru_cache(maxsize=None)
@@ -49,6 +50,15 @@ def projected_decode_attention(query, key_codes, value_codes, key_basis, value_b
     impl = _kernel("projected_attention") if use_triton(query) else _projected
     return impl.projected_decode_attention(query, key_codes, value_codes, key_basis, value_basis, key_offsets,
                                            value_offsets, lengths, scaling, lift)
+
+
+def rope_decode_attention(query, key_codes, value_codes, key_basis, value_basis, key_offsets, value_offsets,
+                          positions, inv_freq, rope_scale=1.0, lengths=None, scaling=None, lift=True):
+    """(B, H, Dv): attention over pre-RoPE key codes rebuilt and rotated in the read; see
+    ``rope_attention/reference.py``."""
+    impl = _kernel("rope_attention") if use_triton(query) else _rope
+    return impl.rope_decode_attention(query, key_codes, value_codes, key_basis, value_basis, key_offsets,
+                                      value_offsets, positions, inv_freq, rope_scale, lengths, scaling, lift)
 
 
 def project_append(keys, values, key_codes, value_codes, key_basis, value_basis, key_offsets, value_offsets,

@@ -143,6 +143,8 @@ class EvictionLayer(KVLayer):
 
     MIN_GROW = 32
     keys, values, index, scores = (_slotted(n) for n in ("keys", "values", "index", "scores"))
+    extras: tuple[str, ...] = ()  # a subclass's further per-slot (B, H_kv, C) tensors (``_slotted``): appended,
+    # gathered on eviction and selected with the batch like ``index``; ``_new_extras`` gives their new entries
 
     def __init__(self, layer_idx: int, policy: EvictionPolicy):
         super().__init__(layer_idx)
@@ -183,13 +185,17 @@ class EvictionLayer(KVLayer):
         cols = torch.arange(self.seen, columns, device=key_states.device, dtype=dtype)
         cols = cols.expand(batch, heads, new)  # (B, H_kv, T_new)
         key_states, value_states = self._encode(key_states, value_states)
+        extras = self._new_extras(batch, heads, new, key_states.device)
         if self.keys is None:
             self.keys, self.values = key_states, value_states
             self.index = cols.clone()
+            for name, t in extras.items():
+                setattr(self, name, t)
             self.real_seen = torch.zeros(batch, dtype=torch.long, device=key_states.device)
         else:
             self._append({"keys": key_states, "values": value_states, "index": cols,
-                          "scores": None if self._scores is None else self._scores.new_zeros(batch, heads, new)})
+                          "scores": None if self._scores is None else self._scores.new_zeros(batch, heads, new),
+                          **extras})
         self.window, self.window_len = None, 0
         return self.keys, self.values
 
@@ -210,6 +216,10 @@ class EvictionLayer(KVLayer):
                 setattr(self, "_" + name, buf := grown)
             buf[:, :, start:needed] = values
         self.slots = needed
+
+    def _new_extras(self, batch: int, heads: int, new: int, device) -> dict[str, torch.Tensor]:
+        """Initial values (B, H_kv, T_new) of the ``extras`` for new entries (none here)."""
+        return {}
 
     def _encode(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored form of new entries (B, H_kv, T_new, D): copies here (the states may be views of a larger
@@ -321,7 +331,10 @@ class EvictionLayer(KVLayer):
         values = self.values.gather(2, slots[..., None].expand(-1, -1, -1, self.values.shape[-1]))
         index = self.index.gather(-1, slots).masked_fill(~kept, -1)  # (B, H_kv, n)
         scores = self.scores.gather(-1, slots) if self.scores is not None else None
+        extras = {name: getattr(self, name).gather(-1, slots) for name in self.extras}
         self.keys, self.values, self.index, self.scores = keys, values, index, scores  # gathered first: reads slice
+        for name, t in extras.items():
+            setattr(self, name, t)
         if self.window is not None:
             self.window = self.window.gather(-1, slots[:, :, None, :].expand(-1, -1, self.window.shape[2], -1))
             self.window_len = 0
@@ -358,7 +371,8 @@ class EvictionLayer(KVLayer):
         return found.masked_fill(cols < 0, -1)
 
     def tensors(self):
-        return [t for t in (self._keys, self._values, self._index, self._scores, self.window) if t is not None]
+        extras = [getattr(self, "_" + name, None) for name in self.extras]
+        return [t for t in (self._keys, self._values, self._index, self._scores, self.window, *extras) if t is not None]
 
     def accounting(self):
         if not self.compressed:
@@ -380,7 +394,7 @@ class EvictionLayer(KVLayer):
         if self.keys is None:
             return
         indices = indices.to(self.keys.device)
-        names = ("keys", "values", "index", "scores", "window", "real_seen")
+        names = ("keys", "values", "index", "scores", "window", "real_seen", *self.extras)
         selected = {name: getattr(self, name) for name in names}  # read every view before replacing any buffer
         for name, t in selected.items():
             if t is not None:

@@ -14,6 +14,10 @@ codes):
     index  (B, H_kv, C)                                    mask column of each slot (-1 = empty)
     sink_keys / sink_values (B, H_kv, S, D), sink_columns (B, S)
 
+Pre-RoPE feature bases (the feature method's ``keys="pre_rope"``): the layer also keeps each slot's position
+(``positions`` (B, H_kv, C) int32, gathered with the slots on eviction, in measured bytes like ``index``); new keys
+are un-rotated and coded when attention sees their positions, and every read rebuilds and rotates them back.
+
 Bytes kept ~ token_budget x feature_budget of the context (plus sink copies, the index and the token method's
 statistics, all in measured bytes). One overall ``budget`` is split between the axes by ``feature_budget`` (the rank
 fraction; the token method keeps ``budget / feature_budget`` of the tokens); :func:`search_split` picks the split on
@@ -39,8 +43,9 @@ import torch
 from ..models import ModelSpec
 from ..quantize import check_options
 from .base import Method
+from ..rope import Rotary
 from .quant import nominal_budget
-from .eviction import EvictionLayer
+from .eviction import EvictionLayer, _slotted
 from .token_methods import H2O, SnapKV, Streaming, TokenEviction
 
 FEATURE_METHODS = ("pca", "matryoshka")
@@ -51,16 +56,24 @@ class ProjectedEvictionLayer(EvictionLayer):
     """An eviction layer whose slots hold codes ``k @ U`` (B, H_kv, C, r); attention and the token method's scores
     read the decoded entries ``codes @ U^T``, sinks restored at full size. See the module docstring."""
 
-    def __init__(self, layer_idx: int, policy, key_basis: torch.Tensor, value_basis: torch.Tensor, sinks: int = 0):
-        """``key_basis`` (H_kv, D, r), ``value_basis`` (H_kv, Dv, r_v): orthonormal columns per head."""
+    positions = _slotted("positions")
+
+    def __init__(self, layer_idx: int, policy, key_basis: torch.Tensor, value_basis: torch.Tensor, sinks: int = 0,
+                 rotary: Rotary | None = None, value_decoder: torch.Tensor | None = None):
+        """``key_basis`` (H_kv, D, r), ``value_basis`` (H_kv, Dv, r_v): orthonormal columns per head; ``rotary``: the
+        layer's rotary embedding when the key basis was fitted on pre-RoPE keys."""
         super().__init__(layer_idx, policy)
-        self.key_basis, self.value_basis, self.sinks = key_basis, value_basis, int(sinks)
+        self.key_basis, self.value_basis, self.sinks, self.rotary = key_basis, value_basis, int(sinks), rotary
+        self.value_decoder = value_decoder  # (H_kv, Dv, r_v) oblique read of output-aware values; None: value_basis
+        self.extras = ("positions",) if rotary is not None else ()
+        self.positions = None  # (B, H_kv, C) int32 position of each slot (pre-RoPE only)
         self.sink_keys = self.sink_values = None  # (B, H_kv, S, D) full-size copies of the first S real positions
         self.sink_columns = None  # (B, S) long: mask column of each sink, -1 until seen
         self._new = None  # the raw entries of the current forward, until attention has seen which are sinks
 
     def reset(self) -> None:
-        self.__init__(self.layer_idx, self.policy, self.key_basis, self.value_basis, self.sinks)
+        self.__init__(self.layer_idx, self.policy, self.key_basis, self.value_basis, self.sinks, self.rotary,
+                      self.value_decoder)
 
     def lazy_initialization(self, key_states, value_states) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -68,15 +81,39 @@ class ProjectedEvictionLayer(EvictionLayer):
             raise ValueError(f"layer {self.layer_idx}: key bases {tuple(self.key_basis.shape)} do not fit "
                              f"{self.n_heads} kv heads of dim {self.head_dim}")
 
+    def _new_extras(self, batch, heads, new, device):
+        if self.rotary is None:
+            return {}
+        return {"positions": torch.full((batch, heads, new), -1, dtype=torch.int32, device=device)}
+
     def _encode(self, key_states, value_states):
         self._new = (key_states, value_states)
-        return (key_states @ self.key_basis.to(key_states.dtype),  # (B, H_kv, T_new, r)
-                value_states @ self.value_basis.to(value_states.dtype))
+        values = value_states @ self.value_basis.to(value_states.dtype)  # (B, H_kv, T_new, r_v)
+        if self.rotary is not None:  # coded in attend, once the positions are known
+            return key_states.new_zeros(*key_states.shape[:3], self.key_basis.shape[-1]), values
+        return key_states @ self.key_basis.to(key_states.dtype), values  # (B, H_kv, T_new, r)
+
+    def _code_pre_rope(self, position_ids: torch.Tensor | None) -> None:
+        """Un-rotate the new keys by their positions, store their codes and positions in the last slots."""
+        keys = self._new[0]  # (B, H_kv, T_new, D) post-RoPE
+        batch, heads, new, _ = keys.shape
+        if position_ids is None:
+            position_ids = torch.arange(self.seen - new, self.seen, device=keys.device)[None]
+        positions = position_ids.expand(batch, new)  # (B, T_new)
+        self.keys[:, :, -new:] = self.rotary.unrotate(keys, positions) @ self.key_basis.to(keys.dtype)
+        self.positions[:, :, -new:] = positions[:, None, :].to(torch.int32)
 
     def read(self):
-        codes_k, codes_v = self.stored()  # (B, H_kv, C, r)
+        codes_k, codes_v = self.stored()  # (B, H_kv, C, r): what is stored, or its dequantized form
         keys = codes_k @ self.key_basis.to(codes_k.dtype).transpose(1, 2)  # (B, H_kv, C, D)
-        values = codes_v @ self.value_basis.to(codes_v.dtype).transpose(1, 2)
+        if self.rotary is not None:  # rotate each slot by its own position
+            batch, heads, slots, dim = keys.shape
+            cos, sin = self.rotary.cos_sin(self.positions.reshape(batch, heads * slots).long(), keys.dtype)
+            cos, sin = cos.reshape(batch, heads, slots, dim), sin.reshape(batch, heads, slots, dim)
+            half = dim // 2
+            keys = keys * cos + torch.cat((-keys[..., half:], keys[..., :half]), dim=-1) * sin
+        decoder = self.value_decoder if self.value_decoder is not None else self.value_basis
+        values = codes_v @ decoder.to(codes_v.dtype).transpose(1, 2)
         if self.sink_columns is None:
             return keys, values
         match = (self.index.long()[..., None] == self.sink_columns[:, None, None, :]) & (self.index >= 0)[..., None]
@@ -88,6 +125,8 @@ class ProjectedEvictionLayer(EvictionLayer):
         return torch.where(is_sink, take(self.sink_keys), keys), torch.where(is_sink, take(self.sink_values), values)
 
     def attend(self, query, key, value, mask, *, scaling, **kwargs):
+        if self.rotary is not None and self._new is not None:
+            self._code_pre_rope(kwargs.get("position_ids"))
         if self.sinks and self._new is not None:
             self._keep_sinks(mask, query.shape[2])
         self._new = None
@@ -256,7 +295,7 @@ class Composed(Method):
         if self.bits is not None and self.feature is None:
             check_options(self.bits, self.group_size, self.residual, spec.head_dim)
 
-    def make_layer(self, layer_idx: int, spec: ModelSpec):
+    def make_layer(self, layer_idx: int, spec: ModelSpec, rotary: Rotary | None = None):
         from .quant_composed import QuantEvictionLayer, QuantProjectedEvictionLayer, QuantProjectedLayer
 
         if self.feature is None:  # tokens x precision
@@ -268,14 +307,31 @@ class Composed(Method):
         r = self.rank(spec)
         sinks = self.sinks if self.sinks is not None else int(getattr(feature, "sinks", 0))
         sinks = 0 if r == spec.head_dim and self.bits is None else sinks  # exact codes: the token method alone
+        if getattr(feature, "keys", "post_rope") == "pre_rope":
+            if rotary is None:
+                raise ValueError("a composition with pre-RoPE feature bases rotates the rebuilt keys with the model's "
+                                 "rotary: build caches with new_cache(model)")
+            if self.bits is not None:
+                raise ValueError("quantized codes of pre-RoPE feature bases are not supported: use keys=post_rope "
+                                 "with bits, or no bits with keys=pre_rope")
         key_basis, value_basis = feature.key_bases[layer_idx, :, :, :r], feature.value_bases[layer_idx, :, :, :r]
         if self.token is None:  # features x precision
             return QuantProjectedLayer(layer_idx, key_basis, value_basis, self.bits, self.group_size, self.residual,
                                        sinks)
         if self.bits is None:  # features x tokens
-            return ProjectedEvictionLayer(layer_idx, self.policy, key_basis, value_basis, sinks)
+            decoders = getattr(feature, "value_decoders", None)
+            return ProjectedEvictionLayer(layer_idx, self.policy, key_basis, value_basis, sinks, rotary,
+                                          None if decoders is None else decoders[layer_idx, :, :, :r])
         return QuantProjectedEvictionLayer(layer_idx, self.policy, key_basis, value_basis, self.bits, self.group_size,
                                            sinks)
+
+    def new_cache(self, model):
+        from ..cache import KVLabCache
+
+        spec = ModelSpec.from_model(model)
+        feature = self.feature_part() if self.feature is not None else None
+        rotaries = feature.rotaries(model) if hasattr(feature, "rotaries") else [None] * spec.n_layers
+        return KVLabCache([self.make_layer(i, spec, rotaries[i]) for i in range(spec.n_layers)])
 
     def compress(self, cache, **context) -> None:
         if self.policy is not None:

@@ -116,6 +116,9 @@ class MatryoshkaKV(PCA):
 
     # ---- options
     def _check_training_options(self) -> None:
+        if self.values != "plain":
+            raise ValueError(f"matryoshka trains orthogonal value bases: values must be 'plain', got {self.values!r} "
+                             "(output-aware value bases are a PCA option: pca values='output_aware')")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
         if not isinstance(self.steps, int) or self.steps < 0:
@@ -186,41 +189,44 @@ class MatryoshkaKV(PCA):
         return self.key_bases, self.value_bases
 
     @staticmethod
-    def _layer(layer_idx, keys, values, key_ranks, value_ranks, sinks, n_heads) -> ProjectedLayer:
+    def _layer(layer_idx, keys, values, key_ranks, value_ranks, sinks, n_heads, rotary=None) -> ProjectedLayer:
         heads = range(n_heads)
         return ProjectedLayer(layer_idx, [keys[layer_idx, h, :, : int(key_ranks[layer_idx, h])] for h in heads],
-                              [values[layer_idx, h, :, : int(value_ranks[layer_idx, h])] for h in heads], sinks=sinks)
+                              [values[layer_idx, h, :, : int(value_ranks[layer_idx, h])] for h in heads], sinks=sinks,
+                              rotary=rotary)
 
-    def _cache(self, spec: ModelSpec, key_ranks: torch.Tensor, value_ranks: torch.Tensor) -> KVLabCache:
+    def _cache(self, spec: ModelSpec, key_ranks: torch.Tensor, value_ranks: torch.Tensor, rotaries) -> KVLabCache:
         keys, values = self._bases()  # (L, H_kv, D, D) each; live (with grad) while training
         if keys.shape != (spec.n_layers, spec.n_kv_heads, spec.head_dim, spec.head_dim):
             raise ValueError(f"bases are {tuple(keys.shape)} but the model needs "
                              f"({spec.n_layers}, {spec.n_kv_heads}, {spec.head_dim}, {spec.head_dim})")
-        return KVLabCache([self._layer(i, keys, values, key_ranks, value_ranks, self.sinks, spec.n_kv_heads)
-                           for i in range(spec.n_layers)])
+        return KVLabCache([self._layer(i, keys, values, key_ranks, value_ranks, self.sinks, spec.n_kv_heads,
+                                       rotaries[i]) for i in range(spec.n_layers)])
 
-    def make_layer(self, layer_idx: int, spec: ModelSpec):
+    def make_layer(self, layer_idx: int, spec: ModelSpec, rotary=None):
+        self._check_rotary(rotary)
         key_ranks, value_ranks = self.ranks(spec)
         keys, values = self._bases()
-        return self._layer(layer_idx, keys, values, key_ranks, value_ranks, self.sinks, spec.n_kv_heads)
+        return self._layer(layer_idx, keys, values, key_ranks, value_ranks, self.sinks, spec.n_kv_heads, rotary)
 
     def new_cache(self, model):
         spec = ModelSpec.from_model(model)
-        return self._cache(spec, *self.ranks(spec))
+        return self._cache(spec, *self.ranks(spec), self.rotaries(model))
 
     def training_caches(self, model, step: int, generator: torch.Generator):
         """The per-step hook of :func:`kvlab.train.distill`: [(label, make_cache)], loss summed over the list."""
         spec = ModelSpec.from_model(model)
+        rot = self.rotaries(model)
         if self.schedule == "fixed":
             key_ranks, value_ranks = self.ranks(spec)
-            return [("fixed", lambda: self._cache(spec, key_ranks, value_ranks))]
+            return [("fixed", lambda: self._cache(spec, key_ranks, value_ranks, rot))]
         ranks = torch.tensor(self.rank_set(spec.head_dim))
         shape = (spec.n_layers, spec.n_kv_heads)
         if self.schedule == "matryoshka":
             key_ranks = ranks[torch.randint(len(ranks), shape, generator=generator)]
             value_ranks = ranks[torch.randint(len(ranks), shape, generator=generator)]
-            return [("sampled", lambda: self._cache(spec, key_ranks, value_ranks))]
-        return [(f"r={int(r)}", lambda r=int(r): self._cache(spec, torch.full(shape, r), torch.full(shape, r)))
+            return [("sampled", lambda: self._cache(spec, key_ranks, value_ranks, rot))]
+        return [(f"r={int(r)}", lambda r=int(r): self._cache(spec, torch.full(shape, r), torch.full(shape, r), rot))
                 for r in ranks]
 
     def with_budget(self, budget: float | None = None, *, key_ranks=None, value_ranks=None) -> "MatryoshkaKV":
@@ -251,6 +257,7 @@ class MatryoshkaKV(PCA):
             if self.batch_size > train_data.shape[0]:
                 raise ValueError(f"batch_size={self.batch_size} but train_data has only {train_data.shape[0]} rows")
             self.rank_set(ModelSpec.from_model(model).head_dim)  # clear error before any work
+            self.check_model(model)
         if not self.fitted:
             tic = time.perf_counter()
             PCA.fit(self, model, calib)
