@@ -257,7 +257,7 @@ def test_reference_bytes_are_what_a_plain_cache_needs(arch):
     for name in ("none", "full"):
         with torch.no_grad(), methods.get(name).apply(model) as cache:
             model(ids, past_key_values=cache, use_cache=True)
-            got[name] = kv_bytes(cache)
+            got[name] = kv_bytes(cache, "fp32")  # the sizes below are the fp32 model's own
     none, full = got["none"], got["full"]
     assert full.reference == none.theoretical  # DynamicCache keeps window - 1 tokens of a sliding layer
     if arch == "llama":
@@ -280,7 +280,8 @@ def test_continuation_reports_both_budgets_on_gemma3():
 
 FIT = {"matryoshka": dict(steps=2, progress=False), "kvcar": dict(steps=1, recon_steps=2, progress=False),
        "attention_gate": dict(steps=2, progress=False)}
-OPTIONS = {"matryoshka": dict(steps=2), "kvcar": dict(steps=1, recon_steps=2), "attention_gate": dict(steps=2)}
+OPTIONS = {"matryoshka": dict(steps=2), "kvcar": dict(steps=1, recon_steps=2), "attention_gate": dict(steps=2),
+           "kvcompress": dict(window=8)}  # an observation window within the 24-token context
 
 
 @pytest.mark.parametrize("name", sorted(methods.REGISTRY))
