@@ -14,6 +14,16 @@ def smollm2():
     return kvlab.load_model("smollm2")
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny ops on a shared 2-core machine: one intra-op thread is much faster than two contending ones.
+    A test file opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=["llama", "gpt2", "gemma3"])
 def tiny(request):
     import kvlab

@@ -15,12 +15,7 @@ ARCHS = ["llama", "gpt2"]
 TOKENS = {"h2o": H2O, "snapkv": SnapKV, "streaming": Streaming}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one intra-op thread (conftest)
 
 
 _PCA = {}

@@ -17,12 +17,7 @@ from conftest import left_padded_batch
 ARCHS = ["llama", "gpt2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one intra-op thread (conftest)
 
 
 def _ids(n=4, length=24, seed=0):

@@ -12,13 +12,7 @@ from kvlab.methods import MatryoshkaKV
 from kvlab.methods.matryoshka import OrthogonalBases, cayley
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops on a shared 2-core machine: one intra-op thread is ~20x faster than two contending ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one intra-op thread (conftest)
 
 
 def _ids(n=4, length=24, seed=0, vocab=97):

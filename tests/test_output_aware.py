@@ -9,12 +9,7 @@ from kvlab.methods import PCA, MatryoshkaKV
 from kvlab.methods.output_aware import oblique_bases, output_metrics, output_weights
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one intra-op thread (conftest)
 
 
 def _ids(n=4, length=24, seed=0):

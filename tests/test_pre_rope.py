@@ -13,12 +13,7 @@ from kvlab.rope import Rotary
 from conftest import left_padded_batch
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one intra-op thread (conftest)
 
 
 def _bases(spec, ranks, seed):

@@ -12,12 +12,7 @@ from kvlab.methods.quantized import QuantLayer, QuantStore
 from kvlab.quantize import (dequantize_blocks, dequantize_groups, pack, quantize_blocks, quantize_groups, unpack)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one intra-op thread (conftest)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

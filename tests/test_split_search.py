@@ -10,12 +10,7 @@ from kvlab import search
 from kvlab.methods import PCA
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one intra-op thread (conftest)
 
 
 def _ids(n, length, seed):
