@@ -138,7 +138,8 @@ def check_03_layer_similarity_reuse(results: dict) -> None:
     assert set(layer) == {"cross_layer (pre-RoPE)", "shared_basis g2 (pre-RoPE)"} and results["layer_budget"] == 0.515
     for row in layer.values():
         assert abs(row["measured"] - row["theoretical"]) <= 0.02 * row["theoretical"]
-        assert 0.45 <= row["measured"] <= 0.515 + 0.02  # codes + sink copies + positions
+        # codes + sink copies + int32 positions (bf16 view: 4 bytes each against 2-byte floats, ~0.5 % of full)
+        assert 0.45 <= row["measured"] <= 0.515 + 0.025
         assert all(ratio > 1.0 for ratio in row["ppl_ratio"].values())
     for corpus in ("wiki", "c4"):  # measured order at equal bytes: codes < both < reuse
         r = results["ppl_ratio"][corpus]
@@ -194,7 +195,8 @@ def check_04_attention_score_bias(results: dict) -> None:
             measured, theoretical = ppl["measured"][name][b], ppl["theoretical"][name][b]
             # int16 column index on top of the kept entries; the gate's heads keep different counts (its local
             # window holds unflagged tokens in some heads only), which leaves empty slots in its dense storage
-            slack = 1.03 if name == "attention_gate" else 1.01
+            # (bf16 view: the integer index counts at its own size against 2-byte floats)
+            slack = 1.045 if name == "attention_gate" else 1.015
             assert theoretical <= measured <= theoretical * slack, (name, b)
             assert ppl["ratio"][name][b] >= 0.99
     for b in budgets:
@@ -255,11 +257,11 @@ def check_05_paged_eviction(results: dict) -> None:
     assert blocks["blocks_after"] < blocks["blocks_before"] / 7
     assert blocks["capacity_after"] == blocks["capacity_before"] >= blocks["blocks_before"]  # the pool keeps its size
     assert abs(blocks["measured"] / blocks["theoretical"] - 1) <= 0.05
-    assert blocks["theoretical"] == sum(kept) * 2 * 64 * 4
+    assert blocks["theoretical"] == sum(kept) * 2 * 64 * 2  # bytes in the bf16 view (kv_bytes' default)
     mem = results["memory"]
     rates = ("2", "8", "32")
     assert mem["context_len"] == 512 and mem["rates"] == [2, 8, 32]
-    assert mem["full"] == 30 * 3 * 512 * 2 * 64 * 4 and mem["full_measured"] == mem["full"]
+    assert mem["full"] == 30 * 3 * 512 * 2 * 64 * 2 and mem["full_measured"] == mem["full"]  # bf16 view
     for m in methods:
         for r in rates:
             # measured within 5 % of theoretical at every rate (KV-Compress: blocks in use + block tables, the int32

@@ -28,6 +28,7 @@ from typing import ClassVar
 
 from ..models import ModelSpec
 from ..quantize import BITS, check_options
+from . import options as _options
 from .base import Method
 from .quantized import QuantLayer
 
@@ -53,6 +54,7 @@ class Quant(Method):
     residual: int = 32
 
     def __post_init__(self):
+        _options.check(self)  # types and ranges first: the budget is compared below, before the base class runs
         check_options(2 if self.bits is None else self.bits, self.group_size, self.residual)
         if self.bits is None:
             if self.budget is None:
