@@ -71,7 +71,8 @@ def attention_probs(query, key, mask, scaling) -> torch.Tensor:
     return torch.nan_to_num(probs, nan=0.0).detach()  # fully masked rows (padding) -> 0
 
 
-def _attention_modules(model) -> dict[int, torch.nn.Module]:
+def attention_modules(model) -> dict[int, torch.nn.Module]:
+    """The attention module of every layer, by layer index (self-attention only)."""
     found = {}
     for module in model.modules():
         if hasattr(module, "layer_idx") and (hasattr(module, "k_proj") or hasattr(module, "c_attn")):
@@ -123,7 +124,7 @@ def capture(
     ])
     hooks = []
     if "keys_pre" in wanted and spec.rope:
-        modules = _attention_modules(model)
+        modules = attention_modules(model)
         for i in layers:
             target = getattr(modules[i], "k_norm", None) or modules[i].k_proj
             hooks.append(target.register_forward_hook(_pre_rope_hook(result, i, spec.n_kv_heads, spec.head_dim)))

@@ -146,7 +146,7 @@ class Explorer:
     def load(self, name: str | None = None, progress: Callable[[str], None] | None = None) -> _Loaded:
         """Model, tokenizer, prompt, perplexity text and the prompt's capture for model ``name`` (cached)."""
         from . import data
-        from .capturing import _attention_modules, capture
+        from .capturing import attention_modules, capture
         from .models import BUNDLED, ModelSpec, load_model
 
         name = name or self.model_name
@@ -164,7 +164,7 @@ class Explorer:
         chunks = data.text_chunks(self.corpus, tok, chunk_len=self.chunk_len, n_chunks=self.ppl_chunks, split="eval")
         with torch.no_grad():
             cap = capture(model, prompt, what=("keys", "values", "queries"))
-        modules = _attention_modules(model)
+        modules = attention_modules(model)
         scaling = [float(getattr(modules[i], "scaling", spec.head_dim ** -0.5)) for i in range(spec.n_layers)]
         self._loaded[name] = _Loaded(model, tok, spec, prompt, chunks, cap, scaling)
         return self._loaded[name]

@@ -211,7 +211,7 @@ def load_spec(folder) -> "ModelSpec":
 
 def converted_model_dir(name: str) -> Path:
     """Folder of the bundled model ``name`` as fp32 safetensors, converting from its GGUF on first use."""
-    from .data.fetch import _lock, artifact_path, data_dir
+    from .data.fetch import file_lock, artifact_path, data_dir
 
     out = data_dir() / "models" / name
     if _converted_ok(out, report=False):
@@ -220,7 +220,7 @@ def converted_model_dir(name: str) -> Path:
     if len(ggufs) != 1:
         raise FileNotFoundError(f"expected one .gguf file for {name} under {artifact_path(BUNDLED[name])}, found {ggufs}")
     # One conversion at a time per model: notebooks of a fresh `make report` start together and would each convert.
-    with _lock(f"convert-{name}"):
+    with file_lock(f"convert-{name}"):
         if _converted_ok(out, report=True):  # another process converted it while we waited, or it is fine
             return out
         _convert_gguf(ggufs[0], out)
@@ -245,7 +245,7 @@ def _converted_problem(folder: Path) -> str | None:
     as recorded, else the sha256 must match; without one (converted by an older kvlab): a complete safetensors file."""
     import json
 
-    from .data.fetch import _sha256
+    from .data.fetch import sha256_of
 
     weights = folder / "model.safetensors"
     try:
@@ -261,7 +261,7 @@ def _converted_problem(folder: Path) -> str | None:
     st = weights.stat()
     if stamp.get("size") == st.st_size and stamp.get("mtime_ns") == st.st_mtime_ns:
         return None
-    if stamp.get("size") != st.st_size or _sha256(weights) != stamp.get("sha256"):
+    if stamp.get("size") != st.st_size or sha256_of(weights) != stamp.get("sha256"):
         return "failed its checksum (changed since it was converted)"
     return None
 
@@ -270,12 +270,12 @@ def _write_converted_stamp(folder: Path) -> None:
     import json
 
     from .atomic import write_text
-    from .data.fetch import _sha256
+    from .data.fetch import sha256_of
 
     weights = folder / "model.safetensors"
     st = weights.stat()
     write_text(folder / CONVERTED_STAMP, json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                                                      "sha256": _sha256(weights)}) + "\n")
+                                                      "sha256": sha256_of(weights)}) + "\n")
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvlab.atomic import atomic_path
-from kvlab.report import _check_name, figures_dir, notebook_name
+from kvlab.report import check_name, figures_dir, notebook_name
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -67,7 +67,7 @@ def savefig(fig: Figure, name: str, *, notebook: str | None = None) -> Path:
     """
     if name.endswith((".png", ".pdf")):
         name = name[:-4]
-    _check_name(name, "figure name")
+    check_name(name, "figure name")
     folder = figures_dir() / notebook_name(notebook)
     folder.mkdir(parents=True, exist_ok=True)
     for fmt in FIGURE_FORMATS:

@@ -129,7 +129,7 @@ def repo_root() -> Path:
     return candidate if (candidate / "pyproject.toml").is_file() else Path.cwd()
 
 
-def _check_name(name: str, what: str) -> str:
+def check_name(name: str, what: str) -> str:
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ValueError(
             f"invalid {what} {name!r}: use letters, digits, '_', '-', '.' (no path separators), "
@@ -147,13 +147,13 @@ def notebook_name(notebook: str | None = None) -> str:
     """
     env_name = os.environ.get(ENV_NOTEBOOK)
     if env_name:
-        return _check_name(env_name, f"${ENV_NOTEBOOK}")
+        return check_name(env_name, f"${ENV_NOTEBOOK}")
     if notebook is not None:
-        return _check_name(Path(notebook).stem if notebook.endswith((".py", ".ipynb")) else notebook,
+        return check_name(Path(notebook).stem if notebook.endswith((".py", ".ipynb")) else notebook,
                            "notebook name")
     session = os.environ.get("JPY_SESSION_NAME")
     if session:
-        return _check_name(Path(session).stem, "Jupyter session notebook name")
+        return check_name(Path(session).stem, "Jupyter session notebook name")
     raise ValueError(
         f"cannot tell which notebook is running: ${ENV_NOTEBOOK} is unset and no notebook= was given; "
         "pass e.g. notebook='01_kv_spectra'"
@@ -231,7 +231,7 @@ def save_results(results: Mapping[str, Any], *, notebook: str | None = None) -> 
 def load_results(notebook: str, *, results_dir: str | Path | None = None) -> dict[str, Any]:
     """Read back what :func:`save_results` wrote for ``notebook`` (default: the current results dir)."""
     base = Path(results_dir) if results_dir is not None else _current_results_dir()
-    path = base / f"{_check_name(notebook, 'notebook name')}.json"
+    path = base / f"{check_name(notebook, 'notebook name')}.json"
     if not path.is_file():
         raise FileNotFoundError(f"no results for notebook {notebook!r}: {path} does not exist")
     return json.loads(path.read_text(encoding="utf-8"))

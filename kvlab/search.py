@@ -82,7 +82,7 @@ def measure_sensitivity(model, method, data: torch.Tensor, *, grid: list[int] | 
     """
     from tqdm.auto import tqdm
 
-    from .train import _forward, check_tokens, teacher_logprobs
+    from .train import check_tokens, forward_logits, teacher_logprobs
 
     data = check_tokens(data)
     spec = ModelSpec.from_model(model)
@@ -106,7 +106,7 @@ def measure_sensitivity(model, method, data: torch.Tensor, *, grid: list[int] | 
                 for ids, target in zip(batches, targets):
                     cache = _probe_cache(spec, layer, head, part, rank, key_bases, value_bases, method.sinks,
                                          rotaries[layer], getattr(method, "value_decoders", None))
-                    logp = torch.log_softmax(_forward(model, ids, cache).float(), dim=-1)
+                    logp = torch.log_softmax(forward_logits(model, ids, cache).float(), dim=-1)
                     kl += float((target.exp() * (target - logp)).sum(-1).sum())
                 table[part][layer, head, g] = kl / data.numel()  # mean over positions
     return Sensitivity(torch.tensor(grid), table["K"], table["V"], spec.head_dim, int(data.numel()))
@@ -164,7 +164,7 @@ OBJECTIVE = "mean per-position KL(full-cache model || compressed model) on held-
 @torch.no_grad()
 def heldout_kl(model, method, data: torch.Tensor, *, batch_size: int = 4, targets=None) -> float:
     """The search objective on held-out ids ``data`` (N, T): mean per-position KL(full || ``method``)."""
-    from .train import _forward, check_tokens, teacher_logprobs
+    from .train import check_tokens, forward_logits, teacher_logprobs
 
     data = check_tokens(data, "held-out data")
     batches = [data[i: i + batch_size] for i in range(0, data.shape[0], batch_size)]
@@ -172,7 +172,7 @@ def heldout_kl(model, method, data: torch.Tensor, *, batch_size: int = 4, target
     kl = 0.0
     with method.attached(model):
         for ids, target in zip(batches, targets):
-            logp = torch.log_softmax(_forward(model, ids, method.new_cache(model)).float(), dim=-1)
+            logp = torch.log_softmax(forward_logits(model, ids, method.new_cache(model)).float(), dim=-1)
             kl += float((target.exp() * (target - logp)).sum(-1).sum())
     return kl / data.numel()
 

@@ -80,7 +80,7 @@ def distill_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, i
     return kl_weight * kl + ce_weight * ce, kl, ce
 
 
-def _forward(model, ids: torch.Tensor, cache) -> torch.Tensor:
+def forward_logits(model, ids: torch.Tensor, cache) -> torch.Tensor:
     from .eval.forward import forward
 
     batch, length = ids.shape
@@ -95,7 +95,7 @@ def teacher_logprobs(model, ids: torch.Tensor, teacher=None) -> torch.Tensor:
 
     teacher = teacher if teacher is not None else NoCompression()
     with torch.no_grad(), teacher.apply(model) as cache:
-        return F.log_softmax(_forward(model, ids, cache).float(), dim=-1)
+        return F.log_softmax(forward_logits(model, ids, cache).float(), dim=-1)
 
 
 def _default_hook(method, model) -> Hook:
@@ -189,7 +189,7 @@ def distill(model, method, data: torch.Tensor, *, steps: int, lr: float = 5e-3, 
                     raise ValueError(f"the training hook returned no caches at step {step}")
                 with method.attached(model):
                     for label, make_cache in entries:
-                        logits = _forward(model, ids, make_cache())
+                        logits = forward_logits(model, ids, make_cache())
                         loss, kl, ce = distill_loss(logits, target, ids, kl_weight, ce_weight)
                         extra = auxiliary() if auxiliary is not None else None
                         (loss if extra is None else loss + extra).backward()
@@ -232,7 +232,7 @@ def evaluate_loss(model, method, data: torch.Tensor, *, batch_size: int = 2, kl_
         ids = data[start: start + batch_size]
         target = teacher_logprobs(model, ids, teacher)
         with method.attached(model):
-            logits = _forward(model, ids, method.new_cache(model))
+            logits = forward_logits(model, ids, method.new_cache(model))
         for key, value in zip(sums, distill_loss(logits, target, ids, kl_weight, ce_weight)):
             sums[key] += value.item() * ids.shape[0]
     return {key: value / data.shape[0] for key, value in sums.items()}

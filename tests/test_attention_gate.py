@@ -10,7 +10,8 @@ import torch
 import kvlab
 from kvlab import attention
 from kvlab.methods import artefacts
-from kvlab.methods.attention_gate import AttentionGate, GateLayer, _attention_modules
+from kvlab.capturing import attention_modules
+from kvlab.methods.attention_gate import AttentionGate, GateLayer
 from conftest import left_padded_batch
 
 
@@ -70,7 +71,7 @@ def _reference_logits(model, method, ids, mask):
     from transformers.masking_utils import AttentionMaskInterface
 
     captured, kept = {}, {}
-    modules = _attention_modules(model)
+    modules = attention_modules(model)
 
     def capture(i):
         return lambda _m, args, kwargs: captured.__setitem__(i, kwargs.get("hidden_states", args[0] if args else None))
@@ -376,4 +377,4 @@ def test_misuse_fails_loudly():
         method.compress(kvlab.methods.Full().new_cache(model))
     with pytest.raises(ValueError, match="rows of data|only 1 rows"):
         AttentionGate(0.5, batch_size=2).fit(model, ids, progress=False)
-    assert not any(m._forward_pre_hooks for m in _attention_modules(model).values())  # hooks removed on exit
+    assert not any(m._forward_pre_hooks for m in attention_modules(model).values())  # hooks removed on exit

@@ -283,7 +283,7 @@ def layer_similarity(
         raise ValueError(f"parts must be distinct names from {', '.join(PARTS)}, got {parts!r}")
     if not isinstance(skip_first, int) or skip_first < 0:
         raise ValueError(f"skip_first must be a non-negative int, got {skip_first!r}")
-    from .spectra import _one_thread, checked_mask
+    from .spectra import one_thread, checked_mask
 
     attention_mask = checked_mask(tokens, attention_mask, batch_size)
 
@@ -304,7 +304,7 @@ def layer_similarity(
         cap = capture(base, ids, mask, what=parts)
         seconds["forward"] += time.perf_counter() - tic
         tic = time.perf_counter()
-        with _one_thread():
+        with one_thread():
             for part in parts:
                 stats[part].add(_selected_tokens(cap, part, spec.n_layers, keep))
         seconds["accumulate"] += time.perf_counter() - tic

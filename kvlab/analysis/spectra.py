@@ -257,7 +257,7 @@ def accumulate_moments(
             cap = capture(base, ids, mask, what=what, layers=group)
             seconds["forward"] += time.perf_counter() - tic
             tic = time.perf_counter()
-            with _one_thread():
+            with one_thread():
                 _accumulate_capture(cap, group, parts, moments, mask, positions, first, weighting, spec.n_kv_heads)
             seconds["accumulate"] += time.perf_counter() - tic
             del cap
@@ -280,7 +280,7 @@ def _accumulate_capture(cap, group, parts, moments, mask, positions, first, weig
 
 
 @contextmanager
-def _one_thread():
+def one_thread():
     """Run small ops (D x D eigh, per-batch X^T X with D = 64) on one intra-op thread. Measured on the 2-core CPU
     while other jobs ran: 20x (accumulation) to 100x (eigh) faster than two OpenMP threads, whose barriers stall
     when the cores are oversubscribed; without contention the loss is at most 2x on a few seconds."""
@@ -295,7 +295,7 @@ def _one_thread():
 def _eigh_descending(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(..., D, D) symmetric float64 -> eigenvalues (..., D) descending (clamped at 0), eigenvectors (..., D, D)
     with columns in the same order and the largest-|entry| of each column positive."""
-    with _one_thread():
+    with one_thread():
         values, vectors = torch.linalg.eigh(matrix)
     values, vectors = values.flip(-1).clamp(min=0), vectors.flip(-1)
     pivot = vectors.abs().argmax(-2, keepdim=True)  # (..., 1, D)

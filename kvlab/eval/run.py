@@ -46,18 +46,18 @@ def check_names(tasks=(), ppl=()) -> None:
         raise ValueError(f"unknown corpus/corpora {', '.join(map(repr, bad))}; allowed: {', '.join(allowed_corpora())}")
 
 
-def _jsonable(value):
+def jsonable(value):
     """JSON-ready copy: NaN/inf -> None, tuples -> lists, unknown objects -> a short repr."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
-        return _jsonable(value.item())
+        return jsonable(value.item())
     text = repr(value)
     return text if len(text) <= 200 else text[:197] + "..."
 
@@ -145,4 +145,4 @@ def evaluate(model, tokenizer, method, *, tasks=(), ppl=(), limit: int | None = 
                      "max_new_tokens": max_new_tokens, "prompt": prompt,
                      "num_fewshot": num_fewshot, "continuation_len": continuation_len},
     }
-    return _jsonable(result)
+    return jsonable(result)

@@ -74,7 +74,7 @@ def write(path: str | Path, method_name: str, tensors: dict[str, torch.Tensor], 
     from safetensors.torch import save_file
 
     from .. import __version__
-    from ..eval.run import _jsonable
+    from ..eval.run import jsonable
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -90,7 +90,7 @@ def write(path: str | Path, method_name: str, tensors: dict[str, torch.Tensor], 
         save_file({k: v.detach().float().contiguous() for k, v in tensors.items() if v is not None}, str(tmp),
                   metadata={"format": "pt", "method": method_name, "kvlab_format": str(FORMAT_VERSION)})
         with atomic_path(path.with_suffix(".json")) as tmp_json:
-            tmp_json.write_text(json.dumps(_jsonable(record), indent=1) + "\n")
+            tmp_json.write_text(json.dumps(jsonable(record), indent=1) + "\n")
     return path
 
 

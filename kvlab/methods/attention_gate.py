@@ -79,6 +79,7 @@ import torch.nn.functional as F
 
 from .. import attention
 from ..cache import KVLabCache
+from ..capturing import attention_modules
 from ..models import ModelSpec
 from . import artefacts
 from .base import Method
@@ -177,15 +178,6 @@ def weighted_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     probs = w / w.sum(-1, keepdim=True).clamp_min(1e-30)
     out = probs @ values.float().unsqueeze(2)  # (B, H_kv, G, Q, Dv)
     return out.reshape(batch, heads, n_query, -1).transpose(1, 2).to(query.dtype)
-
-
-def _attention_modules(model) -> dict[int, torch.nn.Module]:
-    found = {}
-    for module in model.modules():
-        if hasattr(module, "layer_idx") and (hasattr(module, "k_proj") or hasattr(module, "c_attn")):
-            if not getattr(module, "is_cross_attention", False):
-                found[module.layer_idx] = module
-    return found
 
 
 # ------------------------------------------------------------------------------------------------------ cache layer
@@ -424,7 +416,7 @@ class AttentionGate(Method):
     def attached(self, model) -> Iterator[None]:
         """kvlab attention plus a forward pre-hook on every attention module that hands its input hidden states
         (B, T, d) to this method's cache layers; both are removed on exit."""
-        modules = _attention_modules(model)
+        modules = attention_modules(model)
         if not modules:
             raise ValueError(f"attention_gate found no attention modules (with layer_idx and k_proj/c_attn) in "
                              f"{type(model).__name__}")
@@ -603,7 +595,7 @@ class AttentionGate(Method):
                                   kl_weight=self.kl_weight, ce_weight=self.ce_weight)
         with torch.no_grad(), self.apply(model) as cache:
             ids = data[: batch_size or self.batch_size]
-            train._forward(model, ids, cache)
+            train.forward_logits(model, ids, cache)
             out["kept_fraction"] = kv_bytes(cache).theoretical_budget
         return out
 

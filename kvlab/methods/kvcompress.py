@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from .. import paged
 from ..models import ModelSpec
 from .eviction import TIER, ranks_by_column
-from .token_methods import TokenEviction, _check_int
+from .token_methods import TokenEviction, check_int
 
 METRICS = ("l1", "l2", "max")
 GROUP_AGGS = ("sum", "max")
@@ -90,11 +90,11 @@ class KVCompress(TokenEviction):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_int("window", self.window, 1)
-        _check_int("kernel", self.kernel, 1)
-        _check_int("sinks", self.sinks, 0)
-        _check_int("block_size", self.block_size, 1)
-        _check_int("floor", self.floor, 0)
+        check_int("window", self.window, 1)
+        check_int("kernel", self.kernel, 1)
+        check_int("sinks", self.sinks, 0)
+        check_int("block_size", self.block_size, 1)
+        check_int("floor", self.floor, 0)
         if self.kernel % 2 == 0:
             raise ValueError(f"kernel must be odd (max pooling keeps the length), got {self.kernel}")
         if self.metric not in METRICS:

@@ -23,7 +23,7 @@ from .eviction import TIER, EvictionLayer, ranks_by_column
 POOLINGS = ("max", "avg")
 
 
-def _check_int(name: str, value, low: int) -> None:
+def check_int(name: str, value, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
@@ -103,7 +103,7 @@ class Streaming(TokenEviction):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_int("sinks", self.sinks, 0)
+        check_int("sinks", self.sinks, 0)
 
     def priority(self, layer: EvictionLayer) -> torch.Tensor:
         cols = layer.index.long().double()  # (B, H_kv, C)
@@ -171,8 +171,8 @@ class SnapKV(TokenEviction):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_int("window", self.window, 1)
-        _check_int("kernel", self.kernel, 1)
+        check_int("window", self.window, 1)
+        check_int("kernel", self.kernel, 1)
         if self.kernel % 2 == 0:
             raise ValueError(f"kernel must be odd (pooling keeps the length), got {self.kernel}")
         if self.pooling not in POOLINGS:
