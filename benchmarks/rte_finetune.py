@@ -2,7 +2,7 @@
 
 The Attention-Gate paper (Zeng et al. 2024) reports Attention-Gate + fine-tuning +13.9 % over LoRA on RTE while
 evicting 62.8 % of the tokens. Only RTE's validation split (277 items) ships, so it is cut into two disjoint seeded
-halves (default 138 train / 139 test, :func:`kvlab.finetune.split_items`); training sees only the train half, every
+halves (default 138 train / 139 test, :func:`kvlab.fit.finetune.split_items`); training sees only the train half, every
 accuracy below is on the test half.
 
 Configurations, all scored by :func:`kvlab.eval.multiple_choice` (protocol ``throughout``) on the test half:
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 import kvlab
-from kvlab import finetune as ft
+from kvlab.fit import finetune as ft
 from kvlab.data import load_task
 from kvlab.eval import multiple_choice
 from kvlab.methods import get

@@ -115,7 +115,7 @@ def _plain_layer_rows(layer) -> tuple[list[dict], list[torch.Tensor]]:
 def kv_bytes(cache, dtype=DEFAULT_DTYPE) -> KVBytes:
     """Account the bytes of a kvlab cache (or a transformers DynamicCache) after a forward pass, with floating bytes
     counted in the reference ``dtype`` ("bf16" default, "fp16", "fp32", or "native"; see the module docstring)."""
-    from .cache import KVLayer
+    from .cache.base import KVLayer
 
     label, reference = reference_dtype(dtype)
     frames = []

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import attention
-from .cache import FullLayer, KVLabCache
+from .cache.base import FullLayer, KVLabCache
 from .models import ModelSpec
 
 WHAT = ("keys", "keys_pre", "values", "queries", "probs")

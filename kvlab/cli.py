@@ -217,7 +217,8 @@ def cmd_bench_decode(args) -> int:
             method.bench_label = spec
         built.append(method)
 
-    from . import bench, models
+    from .eval import bench
+    from . import models
 
     try:
         model, tokenizer = models.load_model(args.model)

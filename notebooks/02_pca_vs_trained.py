@@ -12,7 +12,7 @@
 #   matrices by distillation from the full-cache model, ranks sampled per head during training (shipped under
 #   `data/matryoshka/`);
 # - **rank allocation**: the same rank for every head (*uniform*) or per-(layer, head, K/V) ranks from a greedy search
-#   on measured loss (*searched*, `kvlab.search`), both at the same mean rank.
+#   on measured loss (*searched*, `kvlab.fit.search`), both at the same mean rank.
 #
 # Every variant is evaluated by wiki perplexity (eval split, "compressed attention throughout" protocol) relative to
 # the full cache at each budget (fraction of the full cache's features kept). Further sections look at the per-token
@@ -277,7 +277,7 @@ _ = savefig(fig, "error_by_layer")
 
 # %% [markdown]
 # ## Searched ranks at 50 %
-# The greedy search (`kvlab.search.allocate`) starts every (layer, kv head, K/V) unit at full rank and lowers the
+# The greedy search (`kvlab.fit.search.allocate`) starts every (layer, kv head, K/V) unit at full rank and lowers the
 # unit whose next grid step costs the least measured loss (KL to the full model with only that unit truncated, from
 # the artefact's sensitivity table) per feature, until the mean rank is half the head dimension. Same colour scale
 # (1 to head_dim) in every panel.

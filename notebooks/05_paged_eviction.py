@@ -16,7 +16,7 @@
 #
 # The paper reports up to 8x compression with negligible loss, 64x keeping over 90 % of the full-cache score on all
 # but three LongBench subsets (Llama-3.1-8B, Mistral-7B), and up to 5.18x throughput in vLLM from the larger batches
-# that fit. Here (`kvlab.methods.KVCompress` on `kvlab.paged`, CPU torch reference of the paged decode kernel):
+# that fit. Here (`kvlab.methods.KVCompress` on `kvlab.cache.paged`, CPU torch reference of the paged decode kernel):
 #
 # 1. the block picture of one real context: kept tokens per (layer, kv head), and the pool's blocks before and after
 #    compress;
@@ -77,7 +77,7 @@ import kvlab
 from kvlab.budget import kv_bytes
 from kvlab.eval.longcontext import long_context
 from kvlab.methods import Full
-from kvlab.paged import BlockPool, PagedCache
+from kvlab.cache.paged import BlockPool, PagedCache
 from kvlab.plotting import budget_axis, heatmap, savefig, use_style
 from kvlab.report import save_results
 

@@ -11,7 +11,7 @@
 #    present), and the projected cache's own decode read against its reconstruct path;
 # 2. states the bytes model: bytes read per decoded token vs context for the full cache, 50 % of the tokens and
 #    50 % of the rank, and the speed-up bound they imply;
-# 3. measures CPU decode speed of SmolLM2 with each method's cache (`kvlab.bench`, also `kvlab bench decode`)
+# 3. measures CPU decode speed of SmolLM2 with each method's cache (`kvlab.eval.bench`, also `kvlab bench decode`)
 #    and sets the achieved speed-up beside that bound.
 
 # %% tags=["parameters"]
@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 
 import kvlab
-from kvlab import bench
+from kvlab.eval import bench
 from kvlab.kernels import check, dispatch
 from kvlab.plotting import savefig, use_style
 from kvlab.report import save_results
@@ -106,7 +106,7 @@ bytes_table.assign(**{c: bytes_table[c] / 2**20 for c in LABELS}).rename(
 
 # %% [markdown]
 # ## 3 · CPU decode speed
-# `kvlab.bench.decode_speed`: prefill one wiki text of each context length through the method's cache (token
+# `kvlab.eval.bench.decode_speed`: prefill one wiki text of each context length through the method's cache (token
 # eviction compresses it then), decode `NEW_TOKENS` tokens greedily and time only that loop; batch 1, fp32 on
 # the CPU. Methods run interleaved in every repeat and `ratio` is tokens/s over `none` (the plain model:
 # transformers' attention and `DynamicCache`) in the same repeat, median over repeats (min–max beside it), since

@@ -51,7 +51,7 @@ import torch
 from IPython.display import display
 
 import kvlab
-from kvlab import frontier
+from kvlab.eval import frontier
 from kvlab.methods import Composed, get
 from kvlab.methods.feature_x_token import search_split
 from kvlab.plotting import savefig, use_style

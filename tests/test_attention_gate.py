@@ -284,7 +284,7 @@ def test_straight_through_gradients_reach_the_gate_and_forward_is_hard():
     method.sparsity_weight = 1.0
     with method.train_mode(), method.attached(model):
         logits = _forward(model, ids, None, None, method.new_cache(model))
-        (logits.sum() * 0 + method.auxiliary_loss()).backward()  # as kvlab.train.distill adds it
+        (logits.sum() * 0 + method.auxiliary_loss()).backward()  # as kvlab.fit.train.distill adds it
         rates = {layer: rate for layer, rate, _ in method._stats}  # per layer: keep rate per kv head
         stats = method._step_stats()
     assert stats["sparsity"] > 0 and 0 < stats["keep_rate"] < 1

@@ -1,4 +1,4 @@
-"""kvlab.bench and `kvlab bench decode`: the table's columns, positive ratios, bytes, bad input -> exit code 2.
+"""kvlab.eval.bench and `kvlab bench decode`: the table's columns, positive ratios, bytes, bad input -> exit code 2.
 Timings are never asserted on."""
 
 import json
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kvlab
-from kvlab import bench
+from kvlab.eval import bench
 from kvlab.cli import main
 
 

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 import kvlab
 from kvlab import attention
-from kvlab.methods.eviction import EvictionLayer, softmax_attention
-from kvlab.methods.token_methods import H2O, SnapKV, Streaming
+from kvlab.cache.eviction import EvictionLayer, softmax_attention
+from kvlab.methods.token import H2O, SnapKV, Streaming
 from conftest import left_padded_batch
 
 METHODS = {"streaming": lambda b: Streaming(b, sinks=3), "h2o": lambda b: H2O(b),

@@ -8,7 +8,7 @@ import torch
 import kvlab
 from kvlab.methods import PCA, Composed, get
 from kvlab.methods.feature_x_token import ProjectedEvictionLayer
-from kvlab.methods.token_methods import H2O, SnapKV, Streaming
+from kvlab.methods.token import H2O, SnapKV, Streaming
 from conftest import left_padded_batch
 
 ARCHS = ["llama", "gpt2"]

@@ -1,4 +1,4 @@
-"""Task fine-tuning (kvlab.finetune): the train/test split is disjoint and deterministic, LoRA steps lower the
+"""Task fine-tuning (kvlab.fit.finetune): the train/test split is disjoint and deterministic, LoRA steps lower the
 training loss and leave the base weights alone, the joint gate variant moves its keep rate toward the target and
 evaluates through the normal method/cache path, bad inputs raise clear ValueErrors."""
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kvlab
-from kvlab import finetune as ft
+from kvlab.fit import finetune as ft
 from kvlab.data.tasks import MCItem
 from kvlab.eval import multiple_choice
 from kvlab.methods.attention_gate import AttentionGate

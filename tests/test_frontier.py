@@ -1,11 +1,11 @@
-"""kvlab.frontier on a hand-made grid: the Pareto frontier and the comparison at a byte budget read the numbers."""
+"""kvlab.eval.frontier on a hand-made grid: the Pareto frontier and the comparison at a byte budget read the numbers."""
 
 import math
 
 import pandas as pd
 import pytest
 
-from kvlab import frontier
+from kvlab.eval import frontier
 
 
 def _grid():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kvlab
-from kvlab import train
+from kvlab.fit import train
 from kvlab.cache import FullLayer, KVLabCache
 from kvlab.methods.kvcar import KVCAR, AutoencodedLayer, Autoencoders
 from conftest import left_padded_batch

@@ -10,7 +10,7 @@ import torch
 import kvlab
 from kvlab.cli import main
 from kvlab.methods.kvcompress import KVCompress
-from kvlab.paged import PagedCache
+from kvlab.cache.paged import PagedCache
 from conftest import left_padded_batch
 
 

@@ -1,4 +1,4 @@
-"""MatryoshkaKV and the shared distillation loop (kvlab.train) on tiny random models: orthogonality, training,
+"""MatryoshkaKV and the shared distillation loop (kvlab.fit.train) on tiny random models: orthogonality, training,
 exactness at full rank, truncation, persistence, schedules, frozen model, errors."""
 
 import json
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kvlab
-from kvlab import train
+from kvlab.fit import train
 from kvlab.methods import MatryoshkaKV
 from kvlab.methods.matryoshka import OrthogonalBases, cayley
 

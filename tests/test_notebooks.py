@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from kvlab.methods.eviction import EvictionLayer
+from kvlab.cache.eviction import EvictionLayer
 from kvlab.report import discover_notebooks, run_notebook
 
 NOTEBOOKS = discover_notebooks(Path(__file__).parent.parent / "notebooks")

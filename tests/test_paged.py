@@ -11,7 +11,7 @@ import kvlab
 from kvlab import attention
 from kvlab.kernels.paged_attention.reference import paged_decode_attention
 from kvlab.methods.kvcompress import KVCompress
-from kvlab.paged import BlockPool, PagedCache, PagedLayer
+from kvlab.cache.paged import BlockPool, PagedCache, PagedLayer
 from conftest import left_padded_batch
 
 

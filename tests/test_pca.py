@@ -5,7 +5,7 @@ import torch
 
 import kvlab
 from kvlab.cache import FullLayer, KVLabCache
-from kvlab.methods.projection import ProjectedLayer
+from kvlab.cache.projected import ProjectedLayer
 from conftest import left_padded_batch
 
 

@@ -8,7 +8,7 @@ import torch
 import kvlab
 from kvlab.cache import FullLayer, KVLabCache
 from kvlab.methods import PCA, MatryoshkaKV
-from kvlab.methods.projection import ProjectedLayer
+from kvlab.cache.projected import ProjectedLayer
 from kvlab.rope import Rotary
 from conftest import left_padded_batch
 
@@ -170,7 +170,7 @@ def test_errors_no_rope_other_key_mode_and_missing_rotary(tmp_path):
 
 
 def test_bench_decode_runs_pre_rope_beside_post_rope_and_cli_errors(capsys):
-    from kvlab import bench
+    from kvlab.eval import bench
     from kvlab.cli import main
 
     model = kvlab.tiny_model("llama")

@@ -6,7 +6,7 @@ import torch
 
 import kvlab
 from kvlab.cache import KVLabCache
-from kvlab.methods.projection import ProjectedLayer
+from kvlab.cache.projected import ProjectedLayer
 from conftest import left_padded_batch
 
 

@@ -1,4 +1,4 @@
-"""The precision axis (kvlab.quantize, kvlab.methods.quant): packing round-trips, quantization error within half a
+"""The precision axis (kvlab.cache.quantize, kvlab.methods.quant): packing round-trips, quantization error within half a
 step, measured bytes = packed codes + float16 scales + tail exactly (every view), 8 bits within 1e-2 of the full
 logits, a residual window longer than the sequence is exact, decoding keeps the window, bad options are refused."""
 
@@ -8,8 +8,8 @@ import torch
 import kvlab
 from kvlab.cli import main
 from kvlab.methods import Quant, get
-from kvlab.methods.quantized import QuantLayer, QuantStore
-from kvlab.quantize import (dequantize_blocks, dequantize_groups, pack, quantize_blocks, quantize_groups, unpack)
+from kvlab.cache.quantized import QuantLayer, QuantStore
+from kvlab.cache.quantize import (dequantize_blocks, dequantize_groups, pack, quantize_blocks, quantize_groups, unpack)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one intra-op thread (conftest)
@@ -172,7 +172,7 @@ def test_store_refuses_values_the_group_does_not_divide():
 
 
 def test_bench_decode_runs_quant_and_bounds_its_reads():
-    from kvlab import bench
+    from kvlab.eval import bench
 
     model = kvlab.tiny_model("llama")
     method = get("quant", bits=4, group_size=8, residual=4)

@@ -11,7 +11,7 @@ import torch
 
 from kvlab.kernels import dispatch
 from kvlab.kernels.quant_attention import reference as ref
-from kvlab.methods.quantized import QuantStore
+from kvlab.cache.quantized import QuantStore
 
 try:
     from kvlab.kernels.quant_attention import triton as tri

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import kvlab
-from kvlab import search
+from kvlab.fit import search
 from kvlab.methods import artefacts, get
-from kvlab.search import Sensitivity, allocate, measure_sensitivity
+from kvlab.fit.search import Sensitivity, allocate, measure_sensitivity
 
 
 def _synthetic(layers=3, heads=2, dim=16):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kvlab
-from kvlab import search
+from kvlab.fit import search
 from kvlab.methods import PCA
 
 

@@ -188,7 +188,7 @@ def test_cli_refuses_a_context_longer_than_the_window(capsys):
 
 
 def test_chance_table_marks_tasks_at_chance():
-    from kvlab.frontier import chance_table
+    from kvlab.eval.frontier import chance_table
 
     result = {"tasks": {
         "piqa": {"n": 100, "acc": 0.68, "acc_ci95": [0.58, 0.76], "chance": 0.5, "p_vs_chance": 2e-4,
@@ -203,7 +203,7 @@ def test_chance_table_marks_tasks_at_chance():
 
 def test_run_grid_averages_only_the_tasks_asked():
     from kvlab.data.tasks import task_size
-    from kvlab.frontier import run_grid
+    from kvlab.eval.frontier import run_grid
 
     try:
         task_size("copa")

@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 
 from .. import attention
-from ..cache import FullLayer, KVLabCache
+from ..cache.base import FullLayer, KVLabCache
 from ..capturing import attention_probs
 from ..models import ModelSpec
 

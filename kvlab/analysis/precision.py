@@ -6,7 +6,7 @@ For one (layer, kv head) with entries X (T, D):
   ``token_outlier``: the same over tokens (how much a few tokens dominate).
 * ``err_per_channel`` / ``err_per_token``: relative reconstruction error ||X - X_hat|| / ||X|| after ``bits``-bit
   min-max quantization with groups of ``group`` tokens of one channel (per channel) or of ``group`` channels of one
-  token (per token), the two groupings of :mod:`kvlab.quantize`.
+  token (per token), the two groupings of :mod:`kvlab.cache.quantize`.
 
 KIVI's observation: keys have a few outlier channels (large ``channel_outlier``), so a per-channel grouping gives
 each of them its own range and the error is lower per channel; values have no channel structure and are mixed token
@@ -18,7 +18,7 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from ..quantize import dequantize_blocks, dequantize_groups, quantize_blocks, quantize_groups
+from ..cache.quantize import dequantize_blocks, dequantize_groups, quantize_blocks, quantize_groups
 
 
 def grouping_errors(x: torch.Tensor, bits: int, group: int) -> tuple[float, float]:

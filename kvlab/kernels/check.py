@@ -145,11 +145,11 @@ def correctness(gpu: bool | None = None) -> list[dict]:
 
 @torch.inference_mode()
 def projected_layer_decode_error(arch: str = "llama", sinks: int = 2, steps: int = 4, seed: int = 0) -> float:
-    """Max |logit difference| between :class:`~kvlab.methods.projection.ProjectedLayer`'s one-token decode read
+    """Max |logit difference| between :class:`~kvlab.cache.projected.ProjectedLayer`'s one-token decode read
     (scores against the codes) and its reconstruct path, greedy decoding a left-padded batch of 2 on a tiny model."""
     from .. import attention, models
-    from ..cache import KVLabCache
-    from ..methods.projection import ProjectedLayer
+    from ..cache.base import KVLabCache
+    from ..cache.projected import ProjectedLayer
 
     model = models.tiny_model(arch)
     spec = models.ModelSpec.from_model(model)

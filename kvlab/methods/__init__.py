@@ -17,7 +17,7 @@ from .kvcar import KVCAR
 from .kvcompress import KVCompress
 from .quant import Quant
 from .reuse import Reuse
-from .token_methods import H2O, SnapKV, Streaming
+from .token import H2O, SnapKV, Streaming
 
 REGISTRY: dict[str, type[Method]] = {
     cls.name: cls for cls in (NoCompression, Full, PCA, MatryoshkaKV, KVCAR, Reuse, KVCARReuse, Streaming, H2O, SnapKV,

@@ -2,7 +2,7 @@
 
 Paper: Zeng et al., "In-context KV-Cache Eviction for LLMs via Attention-Gate" (2024, arXiv:2410.12876). No public
 code; this is kvlab's reading of the description, on the shared eviction storage
-(:class:`~kvlab.methods.eviction.EvictionLayer`: per (row, kv head) the kept entries, a column index, ragged counts).
+(:class:`~kvlab.cache.eviction.EvictionLayer`: per (row, kv head) the kept entries, a column index, ragged counts).
 
 Gate (per layer ``l``, parameters only in :class:`GateWeights`; the model stays frozen)::
 
@@ -45,7 +45,7 @@ Protocols: ``"throughout"`` (one teacher-forced pass whose attention respects th
 tasks) and ``"context"`` (prefill with the flags, then continue; ``compress`` is a no-op, eviction already happened).
 
 Training (:meth:`AttentionGate.fit`, continual pre-training on calibration text, model frozen) through the shared
-loop :func:`kvlab.train.distill`: loss = kl_weight KL(teacher || student) + ce_weight CE  +  sparsity, with
+loop :func:`kvlab.fit.train.distill`: loss = kl_weight KL(teacher || student) + ce_weight CE  +  sparsity, with
 
     sparsity = sparsity_weight * mean over (layer, kv head) of (keep_rate - target)^2,
     keep_rate = mean over the non-sink real tokens of the flags f,
@@ -54,7 +54,7 @@ loop :func:`kvlab.train.distill`: loss = kl_weight KL(teacher || student) + ce_w
 The flags enter attention as the additive mask log(f) on the logits (0 or -inf), computed as a multiplicative mask on
 exp(logits) so that its gradient at f = 0 is finite: d out_i / d f_j = e_ij (v_j - out_i) / sum_k f_k e_ik, the
 effect of keeping token j. Each layer's sparsity term is collected during the forward and added to the loss by
-:func:`kvlab.train.distill` through ``auxiliary_loss()``; its value is logged per step (``history``: ``keep_rate``, ``sparsity``, ``total``). The gate reads its hidden states detached:
+:func:`kvlab.fit.train.distill` through ``auxiliary_loss()``; its value is logged per step (``history``: ``keep_rate``, ``sparsity``, ``total``). The gate reads its hidden states detached:
 gradients reach gate l only through its own flags (their effect on the loss downstream, and its sparsity term), not
 through the way earlier gates changed layer l's input.
 
@@ -78,12 +78,12 @@ import torch
 import torch.nn.functional as F
 
 from .. import attention
-from ..cache import KVLabCache
+from ..cache.base import KVLabCache
 from ..capturing import attention_modules
 from ..models import ModelSpec
 from . import artefacts
 from .base import Method
-from .eviction import EvictionLayer
+from ..cache.eviction import EvictionLayer
 
 SELECTIONS = ("topk", "threshold")
 LINEAR = ("w", "b")
@@ -537,7 +537,7 @@ class AttentionGate(Method):
             module.requires_grad_(False)
 
     def auxiliary_loss(self) -> torch.Tensor | None:
-        """The sparsity terms collected during the last student pass (for :func:`kvlab.train.distill`)."""
+        """The sparsity terms collected during the last student pass (for :func:`kvlab.fit.train.distill`)."""
         terms, self._aux = self._aux, []
         return torch.stack(terms).sum() if terms else None
 
@@ -552,10 +552,10 @@ class AttentionGate(Method):
             ce_weight: float | None = None, seed: int | None = None, train_data: torch.Tensor | None = None,
             eval_data: torch.Tensor | None = None, max_seconds: float | None = None, callback=None,
             progress: bool = True) -> "AttentionGate":
-        """Train the gate for ``steps`` steps of :func:`kvlab.train.distill` on the rows of ``train_data`` (default
+        """Train the gate for ``steps`` steps of :func:`kvlab.fit.train.distill` on the rows of ``train_data`` (default
         ``calib``, (N, T) ids), creating it first if needed; calling again continues. With ``eval_data``, the
         inference-time distillation loss and kept fraction are measured before and after (``metrics``)."""
-        from .. import train
+        from ..fit import train
 
         with self.overridden(steps=steps, lr=lr, batch_size=batch_size, sparsity_weight=sparsity_weight,
                              kl_weight=kl_weight, ce_weight=ce_weight, seed=seed):
@@ -587,8 +587,8 @@ class AttentionGate(Method):
         return self
 
     def evaluate(self, model, data: torch.Tensor, batch_size: int | None = None) -> dict:
-        """Inference-time distillation loss (:func:`kvlab.train.evaluate_loss`) and the kept fraction of tokens."""
-        from .. import train
+        """Inference-time distillation loss (:func:`kvlab.fit.train.evaluate_loss`) and the kept fraction of tokens."""
+        from ..fit import train
         from ..budget import kv_bytes
 
         out = train.evaluate_loss(model, self, data, batch_size=batch_size or self.batch_size,

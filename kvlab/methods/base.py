@@ -13,7 +13,7 @@ from typing import ClassVar, Iterator
 from transformers import DynamicCache
 
 from .. import attention
-from ..cache import FullLayer, KVLabCache
+from ..cache.base import FullLayer, KVLabCache
 from ..models import ModelSpec
 from . import options as _options
 from .options import Rule

@@ -46,10 +46,10 @@ from typing import ClassVar
 import torch
 
 from .. import attention
-from ..cache import FullLayer, KVLabCache
+from ..cache.base import FullLayer, KVLabCache
 from ..models import ModelSpec
 from .base import Method
-from .coded import CodedLayer
+from ..cache.coded import CodedLayer
 
 MAPS = ("head", "layer", "none")
 KEY_MODES = ("pre_rope", "post_rope")

@@ -7,7 +7,7 @@ which tokens each (row, kv head) keeps, exactly as it does alone, but from the a
 computes (scores are read from the decoded entries). The first ``sinks`` real positions of each row keep a full-size
 copy besides their code (as in the feature methods alone), restored on read while their token is kept.
 
-Storage per layer (:class:`ProjectedEvictionLayer`, an :class:`~kvlab.methods.eviction.EvictionLayer` that stores
+Storage per layer (:class:`ProjectedEvictionLayer`, an :class:`~kvlab.cache.eviction.EvictionLayer` that stores
 codes):
 
     keys   (B, H_kv, C, r)     values (B, H_kv, C, r)     codes of the kept tokens
@@ -41,12 +41,12 @@ from typing import ClassVar
 import torch
 
 from ..models import ModelSpec
-from ..quantize import check_options
+from ..cache.quantize import check_options
 from .base import Method
 from ..rope import Rotary
 from .quant import nominal_budget
-from .eviction import EvictionLayer, _slotted
-from .token_methods import H2O, SnapKV, Streaming, TokenEviction
+from ..cache.eviction import EvictionLayer, _slotted
+from .token import H2O, SnapKV, Streaming, TokenEviction
 
 FEATURE_METHODS = ("pca", "matryoshka")
 TOKEN_METHODS: dict[str, type[TokenEviction]] = {cls.name: cls for cls in (Streaming, H2O, SnapKV)}
@@ -326,7 +326,7 @@ class Composed(Method):
                                            sinks)
 
     def new_cache(self, model):
-        from ..cache import KVLabCache
+        from ..cache.base import KVLabCache
 
         spec = ModelSpec.from_model(model)
         feature = self.feature_part() if self.feature is not None else None

@@ -28,7 +28,7 @@ Training (:meth:`KVCAR.fit`):
    out for ``metrics["recon"]``). ``init="pca"`` (the default for ``linear``) starts the linear autoencoder at the
    top-d principal components of x_n, which *is* the exact minimiser of this loss, so no gradient steps are run for
    it; ``init="random"`` (the only choice for ``mlp``) starts from nn.Linear's initialisation and takes the steps;
-2. distillation: ``steps`` steps of :func:`kvlab.train.distill` (model frozen, only the autoencoders of the
+2. distillation: ``steps`` steps of :func:`kvlab.fit.train.distill` (model frozen, only the autoencoders of the
    compressed layers learn; 0.25 KL(teacher || student) + 0.75 CE by default).
 
 Budget rule (the fraction of the full cache's bytes kept). With L layers, head_dim D and n compressed layers at
@@ -41,7 +41,7 @@ code dimension d, codes keep 1 - n (1 - d/D) / L of the bytes (sink copies, if a
   budget. Which n layers: the n with the lowest measured cost ``layer_scores`` (``selection="kl"``: KL(full ||
   model with only that layer autoencoded) on ``score_chunks`` calibration chunks, after stage 1; ``"mse"``: the
   held-out relative reconstruction error of its keys and values, averaged). Costs are assumed additive, as in
-  :mod:`kvlab.search`, so picking the cheapest layers is the greedy choice. All layers get an autoencoder in
+  :mod:`kvlab.fit.search`, so picking the cheapest layers is the greedy choice. All layers get an autoencoder in
   stage 1 (the selection needs them); stage 2 trains those of the selected layers. ``budget=1`` compresses no
   layer: exactly the full cache.
 
@@ -73,11 +73,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import attention
-from ..cache import FullLayer, KVLabCache
+from ..cache.base import FullLayer, KVLabCache
 from ..models import ModelSpec
 from . import artefacts
 from .base import Method
-from .coded import CodedLayer
+from ..cache.coded import CodedLayer
 
 ARCHS = ("linear", "mlp")
 INITS = ("pca", "random")
@@ -199,7 +199,7 @@ class Autoencoders(torch.nn.Module):
 
 class AutoencodedLayer(CodedLayer):
     """A cache layer storing codes (B, H_kv, T, d) of its keys and values; attention reads the decoded (B, H_kv,
-    T, D). The first ``sinks`` positions are also kept uncompressed (:class:`~kvlab.methods.coded.CodedLayer`)."""
+    T, D). The first ``sinks`` positions are also kept uncompressed (:class:`~kvlab.cache.coded.CodedLayer`)."""
 
     def __init__(self, layer_idx: int, autoencoders: Autoencoders, sinks: int = 0):
         super().__init__(layer_idx, sinks)
@@ -451,7 +451,7 @@ class KVCAR(Method):
         other.provenance, other.metrics, other.history = self.provenance, dict(self.metrics), self.history
         return other
 
-    # ---- training hooks of kvlab.train.distill
+    # ---- training hooks of kvlab.fit.train.distill
     def trainable(self) -> Autoencoders:
         if self.autoencoders is None:
             raise RuntimeError("KVCAR has no autoencoders yet: call .fit(model, calib_ids) or .prepare(model, "
@@ -479,7 +479,7 @@ class KVCAR(Method):
         ``calib`` cut to ``score_chunk_len``), then ``steps`` distillation steps on ``train_data`` (default
         ``calib``). Keyword options override (and update) the fields; fitting again continues stage 2. With
         ``eval_data`` the distillation loss is measured before and after (``metrics``)."""
-        from .. import train
+        from ..fit import train
 
         spec = ModelSpec.from_model(model)
         with self.overridden(steps=steps, recon_steps=recon_steps, lr=lr, batch_size=batch_size, seed=seed):
@@ -597,7 +597,7 @@ class KVCAR(Method):
         """Measure ``layer_scores`` (L,): per fitted layer, ``selection="kl"``: KL(full || model with only that
         layer autoencoded) over ``data`` (N, T) ids; ``"mse"``: its held-out relative reconstruction error (mean of
         K and V). Layers without an autoencoder score inf."""
-        from .. import train
+        from ..fit import train
         from ..eval.forward import forward
 
         tic = time.perf_counter()

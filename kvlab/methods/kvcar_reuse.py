@@ -48,7 +48,7 @@ import torch
 
 from .. import attention
 from ..analysis.similarity import LayerSimilarity
-from ..cache import KVLabCache
+from ..cache.base import KVLabCache
 from ..models import ModelSpec
 from .base import Method
 from .kvcar import KVCAR, AutoencodedLayer, Autoencoders

@@ -1,10 +1,10 @@
 """``kvcompress``: KV-Compress (Rehg 2024, "KV-Compress: Paged KV-Cache Compression with Variable Compression Rates
-per Attention Head", arXiv:2410.00161), the reference PyTorch implementation on :mod:`kvlab.paged`.
+per Attention Head", arXiv:2410.00161), the reference PyTorch implementation on :mod:`kvlab.cache.paged`.
 
 What the paper does, in this package's terms (protocol "compress the context, then continue"):
 
-1. Prefill into a paged cache (:class:`~kvlab.paged.PagedLayer`: blocks of ``block_size`` tokens of one (layer, kv
-   head), per-head block tables, one :class:`~kvlab.paged.BlockPool` per cache).
+1. Prefill into a paged cache (:class:`~kvlab.cache.paged.PagedLayer`: blocks of ``block_size`` tokens of one (layer, kv
+   head), per-head block tables, one :class:`~kvlab.cache.paged.BlockPool` per cache).
 2. Metric per cached token: the attention it receives from the last ``window`` queries of the prefill (the
    observation window), per query head: ``metric="l1"`` sums the probabilities over the window queries,
    ``"l2"`` takes the root of the sum of their squares (the paper's squared-attention metric; the default), ``"max"``
@@ -48,10 +48,10 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .. import paged
+from ..cache import paged
 from ..models import ModelSpec
-from .eviction import TIER, ranks_by_column
-from .token_methods import TokenEviction, check_int
+from ..cache.eviction import TIER, ranks_by_column
+from .token import TokenEviction, check_int
 
 METRICS = ("l1", "l2", "max")
 GROUP_AGGS = ("sum", "max")

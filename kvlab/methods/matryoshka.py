@@ -2,9 +2,9 @@
 
 Paper: Lin et al., "MatryoshkaKV: Adaptive KV Compression via Trainable Orthogonal Projection" (ICLR 2025,
 arXiv:2410.14731). Same cache as :class:`~kvlab.methods.pca.PCA` (per (layer, kv head) the cache stores
-k @ U[:, :r] and v @ W[:, :r], sinks at full rank; see :class:`~kvlab.methods.projection.ProjectedLayer`), but
+k @ U[:, :r] and v @ W[:, :r], sinks at full rank; see :class:`~kvlab.cache.projected.ProjectedLayer`), but
 U and W are full D x D orthogonal matrices, initialised from PCA's eigenvectors and trained by distillation from
-the full-cache model (:func:`kvlab.train.distill`: 0.25 KL(teacher || student) + 0.75 CE, as the official code).
+the full-cache model (:func:`kvlab.fit.train.distill`: 0.25 KL(teacher || student) + 0.75 CE, as the official code).
 Columns stay ordered by importance, so truncating one trained matrix to its first r columns serves any budget.
 
 Orthogonal parametrisation (per (layer, kv head), keys and values alike; shapes (L, H_kv, D, D)):
@@ -51,11 +51,11 @@ from typing import ClassVar, Iterator
 
 import torch
 
-from ..cache import KVLabCache
+from ..cache.base import KVLabCache
 from ..models import ModelSpec
 from . import artefacts
 from .pca import PCA
-from .projection import ProjectedLayer
+from ..cache.projected import ProjectedLayer
 
 SCHEDULES = ("matryoshka", "starbucks", "fixed")
 
@@ -214,7 +214,7 @@ class MatryoshkaKV(PCA):
         return self._cache(spec, *self.ranks(spec), self.rotaries(model))
 
     def training_caches(self, model, step: int, generator: torch.Generator):
-        """The per-step hook of :func:`kvlab.train.distill`: [(label, make_cache)], loss summed over the list."""
+        """The per-step hook of :func:`kvlab.fit.train.distill`: [(label, make_cache)], loss summed over the list."""
         spec = ModelSpec.from_model(model)
         rot = self.rotaries(model)
         if self.schedule == "fixed":
@@ -248,7 +248,7 @@ class MatryoshkaKV(PCA):
         of ``train_data`` (default ``calib``). Keyword options override (and update) the dataclass fields; calling
         ``fit`` again continues training from the current bases. With ``eval_data`` the distillation loss at the
         method's own ranks is measured before and after (``metrics``)."""
-        from .. import train
+        from ..fit import train
 
         with self.overridden(steps=steps, schedule=schedule, train_ranks=ranks, lr=lr, batch_size=batch_size,
                              kl_weight=kl_weight, ce_weight=ce_weight, seed=seed):

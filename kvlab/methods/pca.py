@@ -2,7 +2,7 @@
 
 Bases are the eigenvectors of the calibration second moment of post-RoPE keys and of values
 (:func:`kvlab.analysis.spectra.head_spectra`); the cache stores k @ U[:, :r] and v @ W[:, :r] (see
-:class:`~kvlab.methods.projection.ProjectedLayer`). Two training-free remedies are options, because reconstruction
+:class:`~kvlab.cache.projected.ProjectedLayer`). Two training-free remedies are options, because reconstruction
 error on the tokens that receive most attention matters far more than average energy:
 
 * ``sinks``: the first positions (attention sinks) stay at full rank and are left out of the moments;
@@ -10,15 +10,15 @@ error on the tokens that receive most attention matters far more than average en
 
 ``budget`` is the fraction of features kept. ``allocation="uniform"``: rank r = round(budget * head_dim) for every
 head's keys and values; ``allocation="searched"``: per-(layer, head, K/V) ranks from the greedy search on measured
-loss (:mod:`kvlab.search`), whose mean is the budget; ``allocation="split"``: uniform over heads, but the budget split
-between keys and values by held-out KL (:func:`kvlab.search.search_split`; cheap pre-RoPE keys give their dims to
+loss (:mod:`kvlab.fit.search`), whose mean is the budget; ``allocation="split"``: uniform over heads, but the budget split
+between keys and values by held-out KL (:func:`kvlab.fit.search.search_split`; cheap pre-RoPE keys give their dims to
 values); or explicit ``key_ranks`` / ``value_ranks``. The searches record their objective and held-out score in
 ``provenance["search"]`` (saved with the artefact). Sink copies add
 ``sinks`` full-rank entries per sequence; ``cache.kv_bytes()`` reports the measured total.
 
 ``keys="pre_rope"`` (RoPE models): the key bases are fitted on keys before rotary (lower rank: 9.9 vs 24.8 dims for
 90 % energy on SmolLM2), the cache un-rotates on write and rotates the rebuilt keys back on read (see
-:class:`~kvlab.methods.projection.ProjectedLayer`); ``"post_rope"`` fits and stores the keys the model caches.
+:class:`~kvlab.cache.projected.ProjectedLayer`); ``"post_rope"`` fits and stores the keys the model caches.
 Artefacts record their key mode; reading one fitted in the other mode is a ValueError.
 
 ``values="output_aware"``: value codes and reads minimise the error after each head's slice of ``o_proj``
@@ -43,7 +43,7 @@ from ..models import ModelSpec
 from . import artefacts
 from .base import Method
 from .options import Rule
-from .projection import ProjectedLayer, check_orthonormal
+from ..cache.projected import ProjectedLayer, check_orthonormal
 from ..rope import Rotary
 
 ALLOCATIONS = ("uniform", "searched", "split")
@@ -65,7 +65,7 @@ class PCA(Method):
     corpus: str = "wiki"
     calib_chunks: int = 64
     chunk_len: int = 512
-    allocation: str = "uniform"  # "uniform" or "searched" (greedy on measured loss, kvlab.search)
+    allocation: str = "uniform"  # "uniform" or "searched" (greedy on measured loss, kvlab.fit.search)
     search_chunks: int = 1  # calibration chunks (of search_chunk_len tokens) per sensitivity measurement
     search_chunk_len: int = 256
     key_ranks: list | None = None  # optional (L, H_kv) ranks; overrides budget and allocation
@@ -74,7 +74,7 @@ class PCA(Method):
     key_bases: torch.Tensor | None = field(default=None, repr=False)  # (L, H_kv, D, D) columns by importance
     value_bases: torch.Tensor | None = field(default=None, repr=False)
     value_decoders: torch.Tensor | None = field(default=None, repr=False)  # (L, H_kv, D, D), output-aware only
-    sensitivity: object | None = field(default=None, repr=False)  # kvlab.search.Sensitivity of these bases
+    sensitivity: object | None = field(default=None, repr=False)  # kvlab.fit.search.Sensitivity of these bases
 
     FIT_OPTIONS: ClassVar[tuple[str, ...]] = ("keys", "values", "sinks", "weighting", "centered", "corpus", "calib_chunks", "chunk_len")
     OPTION_RULES: ClassVar[dict[str, Rule]] = {
@@ -151,7 +151,7 @@ class PCA(Method):
         return [Rotary.from_model(model, i) for i in range(spec.n_layers)]
 
     def new_cache(self, model):
-        from ..cache import KVLabCache
+        from ..cache.base import KVLabCache
 
         spec = ModelSpec.from_model(model)
         return KVLabCache([self.make_layer(i, spec, rotary) for i, rotary in enumerate(self.rotaries(model))])
@@ -184,9 +184,9 @@ class PCA(Method):
         return chunks[-n_chunks:]
 
     def search_split(self, model, tokenizer=None, data: torch.Tensor | None = None, progress: bool = True) -> "PCA":
-        """Pick uniform key and value ranks splitting the budget by held-out KL (:func:`kvlab.search.search_split`)
+        """Pick uniform key and value ranks splitting the budget by held-out KL (:func:`kvlab.fit.search.search_split`)
         on ``data`` or :meth:`heldout` chunks; sets ``key_ranks``/``value_ranks`` and records the search."""
-        from .. import search
+        from ..fit import search
 
         if data is None:
             if tokenizer is None:
@@ -226,9 +226,9 @@ class PCA(Method):
                                     split="calib"))
 
     def search(self, model, tokenizer=None, data: torch.Tensor | None = None, progress: bool = True, **kwargs) -> "PCA":
-        """Measure the rank sensitivity of the current bases (:func:`kvlab.search.measure_sensitivity`) on ``data``
+        """Measure the rank sensitivity of the current bases (:func:`kvlab.fit.search.measure_sensitivity`) on ``data``
         or ``search_chunks`` x ``search_chunk_len`` tokens of the corpus' calib split."""
-        from .. import search
+        from ..fit import search
 
         if data is None:
             if tokenizer is None:
@@ -260,7 +260,7 @@ class PCA(Method):
             if self.sensitivity is None:
                 raise RuntimeError("allocation='searched' needs a rank sensitivity table: call .prepare(model, "
                                    "tokenizer) or .search(model, data=ids) first")
-            from ..search import allocate
+            from ..fit.search import allocate
 
             keys, values = allocate(self.sensitivity, self.budget)
         keys = torch.as_tensor(self.key_ranks) if self.key_ranks is not None else keys
@@ -332,7 +332,7 @@ class PCA(Method):
         self._take(tensors, record, path)
 
     def _take(self, tensors: dict, record: dict, path) -> None:
-        from ..search import Sensitivity
+        from ..fit.search import Sensitivity
 
         keys, values = tensors.get("key_bases"), tensors.get("value_bases")
         if keys is None or values is None or keys.ndim != 4 or keys.shape != values.shape:

@@ -4,7 +4,7 @@ Liu et al. 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache"
 each channel of a block of ``group_size`` tokens shares a scale and zero point; values have no such structure and
 the attention output mixes values token by token, so each token's groups of ``group_size`` channels share one. The
 ``residual`` most recent tokens (up to ``residual + group_size - 1``: keys are quantized in whole blocks) stay at
-full precision. Storage and reads: :class:`~kvlab.methods.quantized.QuantLayer` (codes packed 8 / bits per byte,
+full precision. Storage and reads: :class:`~kvlab.cache.quantized.QuantLayer` (codes packed 8 / bits per byte,
 float16 scales and zero points, all counted in measured bytes).
 
 Bytes per cached number, long contexts (tail excluded): bits / 8 for the code + 4 / group_size for the two float16
@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..models import ModelSpec
-from ..quantize import BITS, check_options
+from ..cache.quantize import BITS, check_options
 from . import options as _options
 from .base import Method
-from .quantized import QuantLayer
+from ..cache.quantized import QuantLayer
 
 
 def nominal_budget(bits: int, group_size: int) -> float:

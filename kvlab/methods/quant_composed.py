@@ -1,10 +1,10 @@
 """The precision axis composed with the feature and token axes: cache layers that quantize what the other axes keep.
 
 * :class:`QuantProjectedLayer` (features x precision): the codes k @ U, v @ W (B, H_kv, T, r) of a projected cache
-  (uniform rank r per head, PCA / MatryoshkaKV bases) held in a :class:`~kvlab.methods.quantized.QuantStore`: the
+  (uniform rank r per head, PCA / MatryoshkaKV bases) held in a :class:`~kvlab.cache.quantized.QuantStore`: the
   key codes per channel (the principal components) in blocks of ``group`` tokens, the value codes per token, a
   window of recent codes at full precision; full-size sink copies as in the feature methods alone
-  (:class:`~kvlab.methods.coded.CodedLayer`).
+  (:class:`~kvlab.cache.coded.CodedLayer`).
 * :class:`QuantSlots` (token x precision, and all three axes): an eviction layer whose slots hold packed integer
   codes, so evicting a token frees its bytes. A per-channel key scale cannot be shared by a block of tokens that
   eviction later splits, so the key parameters are per (row, kv head, channel) over the whole kept set, fitted at
@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import torch
 
-from ..quantize import SCALE_DTYPE, _quantize, check_bits, dequantize_groups, pack, packed_width, quantize_groups, unpack
-from .coded import CodedLayer
+from ..cache.quantize import (SCALE_DTYPE, _quantize, check_bits, dequantize_groups, pack, packed_width, quantize_groups, unpack)
+from ..cache.coded import CodedLayer
 from .feature_x_token import ProjectedEvictionLayer
-from .eviction import EvictionLayer
-from .quantized import SCALE_BYTES, QuantStore
+from ..cache.eviction import EvictionLayer
+from ..cache.quantized import SCALE_BYTES, QuantStore
 
 
 def value_group(dim: int, group_size: int) -> int:

@@ -40,7 +40,7 @@ import torch
 
 from .. import attention
 from ..analysis.similarity import METRICS, PARTS, RANGES, LayerSimilarity
-from ..cache import FullLayer, KVLabCache
+from ..cache.base import FullLayer, KVLabCache
 from ..models import ModelSpec
 from .base import Method
 

@@ -30,10 +30,10 @@ from typing import ClassVar
 import torch
 
 from .. import attention
-from ..cache import KVLabCache
+from ..cache.base import KVLabCache
 from ..models import ModelSpec
 from .base import Method
-from .coded import CodedLayer
+from ..cache.coded import CodedLayer
 
 KEY_MODES = ("pre_rope", "post_rope")
 

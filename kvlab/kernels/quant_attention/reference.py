@@ -1,4 +1,4 @@
-"""Decode attention over a KIVI-quantized KV cache (:class:`kvlab.methods.quantized.QuantStore`), plain torch.
+"""Decode attention over a KIVI-quantized KV cache (:class:`kvlab.cache.quantized.QuantStore`), plain torch.
 
 Layout (one layer; G = ``group``, b = ``bits``, per = 8 / b codes per byte):
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ...quantize import check_bits, dequantize_blocks, dequantize_groups
+from ...cache.quantize import check_bits, dequantize_blocks, dequantize_groups
 
 
 def check_quant(query, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, bits, group):

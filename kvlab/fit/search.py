@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import FullLayer, KVLabCache
-from .methods.projection import ProjectedLayer
-from .models import ModelSpec
+from ..cache.base import FullLayer, KVLabCache
+from ..cache.projected import ProjectedLayer
+from ..models import ModelSpec
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Training-free token eviction: StreamingLLM, H2O and SnapKV, one dataclass each on the shared
-:class:`~kvlab.methods.eviction.EvictionLayer`.
+:class:`~kvlab.cache.eviction.EvictionLayer`.
 
 ``budget`` is the fraction of the tokens (hence of the bytes) kept per (row, kv head): after ``compress`` a row
 that has seen ``n`` real tokens keeps ``max(1, round_half_up(budget * n))`` of them in every kv head of every layer
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..models import ModelSpec
 from .base import Method
-from .eviction import TIER, EvictionLayer, ranks_by_column
+from ..cache.eviction import TIER, EvictionLayer, ranks_by_column
 
 POOLINGS = ("max", "avg")
 

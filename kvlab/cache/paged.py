@@ -17,7 +17,7 @@ list, so heads keeping different numbers of tokens waste at most one partial blo
 physical memory follows the theoretical saving).
 
 Reads: multi-token forwards (prefill, continuations) gather a dense (B, H_kv, M x S, D) view of the blocks and run the
-masked dense path of :class:`~kvlab.methods.eviction.EvictionLayer` (same mask rules: causality, left padding,
+masked dense path of :class:`~kvlab.cache.eviction.EvictionLayer` (same mask rules: causality, left padding,
 sliding windows). A decode step (one query) after ``compress`` reads through the block tables with the paged decode
 kernel; if some held token is not visible to the query (a sliding-window layer), that step falls back to the dense
 masked path (``dense_decodes`` counts them). Padding written after ``compress`` (a left-padded question, right-padded
@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import torch
 
-from . import attention
-from .budget import storage_bytes
-from .cache import KVLabCache, KVLayer
-from .kernels import dispatch
-from .methods.eviction import RECORDS, EvictionLayer, EvictionPolicy
+from .. import attention
+from ..budget import storage_bytes
+from .base import KVLabCache, KVLayer
+from ..kernels import dispatch
+from .eviction import RECORDS, EvictionLayer, EvictionPolicy
 
 MIN_BLOCKS = 16  # first reservation of a pool, in blocks
 

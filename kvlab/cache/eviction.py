@@ -27,7 +27,7 @@ keeps ``budget`` x the real tokens seen per row; with ``decode=True`` it evicts 
 forward (token by token when decoding), with the same rule.
 
 The method deciding *what* to keep is a policy (see :class:`EvictionPolicy`; the dataclasses of
-:mod:`kvlab.methods.token_methods`): ``priority(layer)`` ranks the slots, ``keep_counts(layer)`` says how many to keep.
+:mod:`kvlab.methods.token`): ``priority(layer)`` ranks the slots, ``keep_counts(layer)`` says how many to keep.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import Protocol
 import torch
 
 from .. import attention
-from ..cache import KVLayer
+from .base import KVLayer
 
 QUERY_CHUNK = 256  # queries per block when attention probabilities are materialised
 INT16_MAX = 2**15 - 1

@@ -31,9 +31,9 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from .budget import kv_bytes
-from .kernels.bytes_model import bytes_moved, speedup_bound
-from .models import ModelSpec
+from ..budget import kv_bytes
+from ..kernels.bytes_model import bytes_moved, speedup_bound
+from ..models import ModelSpec
 
 COLUMNS = ["context", "method", "budget", "tokens_per_s", "ratio", "ratio_min", "ratio_max", "ratio_to_full", "kv_bytes",
            "kv_budget",
@@ -44,7 +44,7 @@ BASELINE = "none"
 
 def build_methods(names: Sequence, budget: float, model, tokenizer) -> list:
     """Methods by name (``none`` and ``full`` at 100 %, the rest at ``budget``) or as given, prepared to run."""
-    from . import methods as registry
+    from .. import methods as registry
 
     built = []
     for item in names:
@@ -60,7 +60,7 @@ def context_ids(tokenizer, context: int, vocab_size: int, corpus: str = "wiki", 
     if tokenizer is None:
         g = torch.Generator().manual_seed(seed)
         return torch.randint(3, vocab_size, (1, context), generator=g)
-    from .data import text_chunks
+    from ..data import text_chunks
 
     return text_chunks(corpus, tokenizer, chunk_len=context, n_chunks=1, split="eval")
 
@@ -69,7 +69,7 @@ def context_ids(tokenizer, context: int, vocab_size: int, corpus: str = "wiki", 
 def time_decode(model, method, ids: torch.Tensor, new_tokens: int) -> dict:
     """Prefill ``ids`` (1, T) through ``method``'s cache, compress, decode ``new_tokens`` greedily; the seconds of the
     decode loop, of the prefill, and the cache after it."""
-    from .eval.forward import forward
+    from .forward import forward
 
     batch, context = ids.shape
     mask = torch.ones(batch, context + new_tokens, dtype=torch.long)  # (B, T + new): every column real
@@ -214,7 +214,7 @@ def _check(contexts, budget, new_tokens, repeats) -> None:
 
 def results_path(model_name: str, budget: float, contexts: Sequence[int], new_tokens: int, folder=None) -> Path:
     """``data/results/decode/<model>@<budget>-c<contexts>-n<new tokens>-t<threads>.csv`` (or under ``folder``)."""
-    from .report import repo_root
+    from ..report import repo_root
 
     folder = Path(folder) if folder is not None else repo_root() / "data" / "results" / "decode"
     stem = f"{model_name}@{budget:g}-c{'-'.join(map(str, contexts))}-n{new_tokens}-t{torch.get_num_threads()}"

@@ -21,7 +21,7 @@ Only the codes stay in memory. Ranks may differ per head (ragged storage: the kv
 share one buffer (B, n, T, r), so nothing is padded to the largest rank).
 Multi-token writes allocate exactly; decoding grows the buffers in place by a sixteenth (as
 :class:`~kvlab.cache.FullLayer`) instead of re-concatenating every code at every token. Pending entries, full-rank
-sink copies, reads and bytes: :class:`~kvlab.methods.coded.CodedLayer`.
+sink copies, reads and bytes: :class:`~kvlab.cache.coded.CodedLayer`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from .. import attention
-from ..cache import grow_tokens
+from .base import grow_tokens
 from ..rope import Rotary
 from .coded import CodedLayer
 

@@ -25,9 +25,9 @@ from __future__ import annotations
 import torch
 
 from .. import attention
-from ..cache import KVLayer
-from ..quantize import (SCALE_DTYPE, check_options, dequantize_blocks, dequantize_groups, packed_width,
-                        quantize_blocks, quantize_groups)
+from .base import KVLayer
+from .quantize import (SCALE_DTYPE, check_options, dequantize_blocks, dequantize_groups, packed_width,
+                       quantize_blocks, quantize_groups)
 
 SCALE_BYTES = torch.empty((), dtype=SCALE_DTYPE).element_size()
 

@@ -20,7 +20,7 @@ Variants (:func:`finetune`):
 * ``method=AttentionGate(...)``: the same LoRA adapters and a *copy* of the gate trained jointly; the gate's in-context
   masks are active in every training forward (straight-through flags, :meth:`AttentionGate.train_mode`) and its
   sparsity term toward ``target`` (keep rate) is added to the task loss (``auxiliary_loss``), as in
-  :func:`kvlab.train.distill`. The gate gets its own learning rate ``gate_lr``.
+  :func:`kvlab.fit.train.distill`. The gate gets its own learning rate ``gate_lr``.
 
 The model's base weights never change (they are frozen; the test suite checks it). The adapters are injected in place
 (``peft.LoraModel`` on the model object itself, so the model keeps its class and every kvlab method / cache path works
@@ -45,10 +45,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .attention import padded_positions
-from .data.tasks import MCItem
-from .eval.forward import forward, pad_id_of, pad_left
-from .eval.multiple_choice import encode_pair
+from ..attention import padded_positions
+from ..data.tasks import MCItem
+from ..eval.forward import forward, pad_id_of, pad_left
+from ..eval.multiple_choice import encode_pair
 
 LOSSES = ("choice", "gold")
 
@@ -224,8 +224,8 @@ def finetune(model, tokenizer, items: Sequence[MCItem], *, method=None, epochs: 
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from .methods.attention_gate import AttentionGate
-    from .methods.base import NoCompression
+    from ..methods.attention_gate import AttentionGate
+    from ..methods.base import NoCompression
 
     items = list(items)
     if not items:

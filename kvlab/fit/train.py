@@ -81,7 +81,7 @@ def distill_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, i
 
 
 def forward_logits(model, ids: torch.Tensor, cache) -> torch.Tensor:
-    from .eval.forward import forward
+    from ..eval.forward import forward
 
     batch, length = ids.shape
     mask = torch.ones_like(ids)
@@ -91,7 +91,7 @@ def forward_logits(model, ids: torch.Tensor, cache) -> torch.Tensor:
 
 def teacher_logprobs(model, ids: torch.Tensor, teacher=None) -> torch.Tensor:
     """Log-probs (B, T, V) of the model with the plain full cache (method ``none`` unless ``teacher`` is given)."""
-    from .methods.base import NoCompression
+    from ..methods.base import NoCompression
 
     teacher = teacher if teacher is not None else NoCompression()
     with torch.no_grad(), teacher.apply(model) as cache:

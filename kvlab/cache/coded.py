@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import attention
-from ..cache import KVLayer
+from .base import KVLayer
 
 
 class CodedLayer(KVLayer):

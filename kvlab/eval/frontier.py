@@ -19,7 +19,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from .eval.run import evaluate
+from .run import evaluate
 
 
 def run_grid(model, tokenizer, families: dict, *, tasks=("arc_easy", "piqa"), limit: int = 100,
@@ -71,7 +71,7 @@ def separating_tasks(model, tokenizer, tasks, *, limit: int = 100, num_fewshot: 
                      protocol: str = "context") -> tuple[list[str], pd.DataFrame]:
     """Evaluate the full cache on ``tasks`` at this ``limit``; (tasks above chance, :func:`chance_table`). Raises
     ValueError if none separates (no average could show a method losing anything)."""
-    from .methods import Full
+    from ..methods import Full
 
     result = evaluate(model, tokenizer, Full(), tasks=tasks, limit=limit, protocol=protocol, seed=seed,
                       progress=False, num_fewshot=num_fewshot)

@@ -15,7 +15,7 @@ from typing import Iterable
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import attention
+from .. import attention
 
 
 class KVLayer(CacheLayerMixin):
@@ -195,6 +195,6 @@ class KVLabCache(Cache):
     def kv_bytes(self, dtype: str | torch.dtype = "bf16"):
         """Measured, theoretical and full-cache bytes, floating bytes in the reference ``dtype`` ("bf16", "fp16",
         "fp32" or "native"; see :mod:`kvlab.budget`)."""
-        from .budget import kv_bytes
+        from ..budget import kv_bytes
 
         return kv_bytes(self, dtype)
